@@ -1,0 +1,110 @@
+"""Config keys, their defaults, and the checks every run makes before any compute.
+
+`configs/*.py` start from `base_config()` and set what their experiment needs. Unknown keys
+and wrong types in `--config.key=value` overrides are refused by ml_collections itself
+(ConfigDicts here are locked and type-safe); `validate` then checks values and combinations.
+"""
+
+import ml_collections
+
+from jaxvae import data, distributions, models
+
+
+class ConfigError(ValueError):
+  """A config value that cannot run; the message names the key and the allowed values."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_epochs = 10                # epochs to reach; a resumed run continues up to this
+  c.batch_size = 32                # global batch, split over devices
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "tfds"           # tfds | folder | digits
+  c.data.name = "cifar10"          # the TFDS name (source=tfds)
+  c.data.path = ""                 # folder or .tar.gz (source=folder); TFDS data_dir (tfds)
+  c.data.cache_dir = ""            # decoded-folder cache; default ~/.cache/jaxvae
+  c.data.binarize = "none"         # none | threshold | dynamic (Bernoulli draw per batch)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "mlp"             # mlp | conv
+  c.model.hidden = (512,)          # dense widths; the decoder mirrors them
+  c.model.conv_channels = (32, 64)  # conv arch: channels of the stride-2 layers
+  c.model.latent_dim = 256
+  c.model.activation = "gelu"
+  c.model.likelihood = "gaussian"  # gaussian | bernoulli | discretized_logistic
+  c.model.obs_scale = "fixed"      # gaussian: fixed | learned_global | learned_pixel
+  c.model.obs_sigma = 0.5 ** 0.5   # gaussian, fixed: sigma of p(x|z)
+  c.model.log_scale_bound = 7.0    # every log-scale is soft-clamped to (-bound, bound)
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.beta = 1.0           # KL weight in the loss; reported ELBOs always use 1
+  c.objective.num_samples = 1      # L, Monte Carlo draws of z per example
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.grad_clip_norm = 0.0  # global-norm clipping; 0 turns it off
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 1000         # test-split batch; the split is padded, never truncated
+
+  c.log = ml_collections.ConfigDict()
+  c.log.chunks_per_epoch = 10      # compiled calls per epoch; the progress bar moves between
+  c.log.progress = True            # progress bar on stderr when it is a terminal
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_epochs = 1    # also saved at the end of the run
+  c.checkpoint.keep = 3            # the latest N, plus the best by test ELBO
+
+  c.figures_every = 0              # also draw figures every N epochs (0: at the end only)
+  return c
+
+
+def _choice(value, allowed, key):
+  if value not in allowed:
+    raise ConfigError(f"config.{key}={value!r} is not allowed; choose one of {tuple(allowed)}")
+
+
+def _positive(value, key, number=int):
+  if not isinstance(value, number) or isinstance(value, bool) or value <= 0:
+    raise ConfigError(f"config.{key}={value!r} must be a positive {number.__name__}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first key whose value cannot run."""
+  for key in ("num_epochs", "batch_size", "model.latent_dim", "objective.num_samples",
+              "eval.batch_size", "log.chunks_per_epoch", "checkpoint.every_epochs",
+              "checkpoint.keep"):
+    value = c
+    for part in key.split("."):
+      value = value[part]
+    _positive(value, key)
+  if c.figures_every < 0:
+    raise ConfigError(f"config.figures_every={c.figures_every} must be >= 0")
+  _choice(c.data.source, data.SOURCES, "data.source")
+  _choice(c.data.binarize, data.BINARIZATIONS, "data.binarize")
+  _choice(c.model.arch, models.ARCHITECTURES, "model.arch")
+  _choice(c.model.activation, tuple(models.ACTIVATIONS), "model.activation")
+  _choice(c.model.likelihood, distributions.LIKELIHOODS, "model.likelihood")
+  _choice(c.model.obs_scale, models.OBS_SCALES, "model.obs_scale")
+  for key in ("model.hidden", "model.conv_channels"):
+    widths = c.model[key.split(".")[1]]
+    if not all(isinstance(w, int) and w > 0 for w in widths):
+      raise ConfigError(f"config.{key}={widths!r} must be a tuple of positive ints, e.g. (512,)")
+  if c.model.arch == "mlp" and not c.model.hidden:
+    raise ConfigError("config.model.hidden=() leaves the MLP with no hidden layer; give e.g. (512,)")
+  if c.model.arch == "conv" and not c.model.conv_channels:
+    raise ConfigError("config.model.conv_channels=() gives the conv arch no layer; give e.g. (32, 64)")
+  for key, value in (("model.obs_sigma", c.model.obs_sigma),
+                     ("model.log_scale_bound", c.model.log_scale_bound),
+                     ("optimizer.learning_rate", c.optimizer.learning_rate)):
+    _positive(value, key, float)
+  if c.objective.beta < 0:
+    raise ConfigError(f"config.objective.beta={c.objective.beta} must be >= 0")
+  if c.optimizer.grad_clip_norm < 0:
+    raise ConfigError(f"config.optimizer.grad_clip_norm={c.optimizer.grad_clip_norm} must be >= 0 "
+                      "(0 turns clipping off)")
+  if c.data.source == "folder" and not c.data.path:
+    raise ConfigError("config.data.source='folder' needs config.data.path (a folder laid out "
+                      "split/class/*.png, or a .tar.gz of one)")

@@ -1,0 +1,181 @@
+"""Flax linen encoders, decoders and the VAE that ties them to a likelihood.
+
+Shapes: x f32[B, H, W, C] in [0, 1]; z f32[B, K]. Models know nothing of training.
+"""
+
+import math
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxvae import distributions
+
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu": nn.gelu, "relu": nn.relu, "elu": nn.elu, "silu": nn.silu, "tanh": jnp.tanh,
+}
+ARCHITECTURES = ("mlp", "conv")
+OBS_SCALES = ("fixed", "learned_global", "learned_pixel")
+
+
+class MLPEncoder(nn.Module):
+  """x f32[B, H, W, C] -> (mean, raw log-scale) f32[B, K]; the paper's Table 1 encoder."""
+  hidden: Sequence[int]
+  latent_dim: int
+  activation: Callable = nn.gelu
+
+  @nn.compact
+  def __call__(self, x):
+    h = x.reshape(x.shape[0], -1)
+    for width in self.hidden:
+      h = self.activation(nn.Dense(width)(h))
+    return nn.Dense(self.latent_dim, name="mean")(h), nn.Dense(self.latent_dim, name="log_scale")(h)
+
+
+class MLPDecoder(nn.Module):
+  """z f32[B, K] -> f32[B, H, W, C * out_per_pixel] raw decoder outputs."""
+  hidden: Sequence[int]
+  image_shape: Sequence[int]
+  out_per_pixel: int = 1
+  activation: Callable = nn.gelu
+
+  @nn.compact
+  def __call__(self, z):
+    h = z
+    for width in reversed(self.hidden):
+      h = self.activation(nn.Dense(width)(h))
+    height, width, c = self.image_shape
+    out = nn.Dense(height * width * c * self.out_per_pixel)(h)
+    return out.reshape(z.shape[0], height, width, c * self.out_per_pixel)
+
+
+def _downsampled_sizes(size: int, levels: int) -> list[int]:
+  """Spatial sizes after each stride-2 SAME conv: 28 -> [28, 14, 7]; 7 -> [7, 4, 2]."""
+  sizes = [size]
+  for _ in range(levels):
+    sizes.append(math.ceil(sizes[-1] / 2))
+  return sizes
+
+
+class ConvEncoder(nn.Module):
+  """Stride-2 convolutions down, then a dense layer to the two heads. Any H x W x C."""
+  channels: Sequence[int]
+  hidden: Sequence[int]
+  latent_dim: int
+  activation: Callable = nn.gelu
+
+  @nn.compact
+  def __call__(self, x):
+    h = x
+    for ch in self.channels:
+      h = self.activation(nn.Conv(ch, (4, 4), strides=(2, 2), padding="SAME")(h))
+    h = h.reshape(h.shape[0], -1)
+    for width in self.hidden:
+      h = self.activation(nn.Dense(width)(h))
+    return nn.Dense(self.latent_dim, name="mean")(h), nn.Dense(self.latent_dim, name="log_scale")(h)
+
+
+class ConvDecoder(nn.Module):
+  """Dense to a small feature map, then resize-convolutions up to exactly H x W.
+
+  Resizing to the encoder's own sizes (rather than transposed convs) reaches any H, W,
+  odd ones included, without checkerboard artefacts.
+  """
+  channels: Sequence[int]
+  hidden: Sequence[int]
+  image_shape: Sequence[int]
+  out_per_pixel: int = 1
+  activation: Callable = nn.gelu
+
+  @nn.compact
+  def __call__(self, z):
+    height, width, c = self.image_shape
+    hs = _downsampled_sizes(height, len(self.channels))
+    ws = _downsampled_sizes(width, len(self.channels))
+    h = z
+    for w in reversed(self.hidden):
+      h = self.activation(nn.Dense(w)(h))
+    top = self.channels[-1]
+    h = self.activation(nn.Dense(hs[-1] * ws[-1] * top)(h)).reshape(z.shape[0], hs[-1], ws[-1], top)
+    for i, ch in reversed(list(enumerate(self.channels))):
+      h = jax.image.resize(h, (h.shape[0], hs[i], ws[i], h.shape[-1]), "nearest")
+      out = c * self.out_per_pixel if i == 0 else self.channels[i - 1]
+      h = nn.Conv(out, (3, 3), padding="SAME")(h)
+      if i > 0:
+        h = self.activation(h)
+    return h
+
+
+class VAE(nn.Module):
+  """Encoder, decoder and the likelihood head that turns decoder outputs into p(x|z).
+
+  `decode` returns the likelihood's parameters as a dict (see `distributions.log_likelihood`):
+    gaussian: mean = sigmoid(out) (the paper's sigmoid output) and log_scale, fixed
+      (log obs_sigma) or learned (one scalar, or one per pixel, independent of z);
+    bernoulli: logits = out;
+    discretized_logistic: mean = sigmoid(out[..., :C]), log_scale from out[..., C:].
+  Every log-scale passes through `soft_clamp(., log_scale_bound)`.
+  """
+  encoder: nn.Module
+  decoder: nn.Module
+  image_shape: Sequence[int]
+  likelihood: str = "gaussian"
+  obs_scale: str = "fixed"
+  obs_sigma: float = 0.5 ** 0.5
+  log_scale_bound: float = 7.0
+
+  def setup(self):
+    shape = {"learned_global": (), "learned_pixel": tuple(self.image_shape)}.get(self.obs_scale)
+    if self.likelihood == "gaussian" and shape is not None:
+      self.obs_log_scale = self.param("obs_log_scale", nn.initializers.zeros, shape)
+
+  def encode(self, x):
+    """x f32[B, H, W, C] -> (mean, log_scale) f32[B, K]."""
+    mean, raw = self.encoder(x)
+    return mean, distributions.soft_clamp(raw, self.log_scale_bound)
+
+  def decode(self, z):
+    """z f32[B, K] -> dict of likelihood parameters, each f32[B, H, W, C] or broadcastable."""
+    out = self.decoder(z)
+    clamp = lambda v: distributions.soft_clamp(v, self.log_scale_bound)
+    if self.likelihood == "bernoulli":
+      return {"logits": out}
+    if self.likelihood == "discretized_logistic":
+      c = self.image_shape[-1]
+      return {"mean": nn.sigmoid(out[..., :c]), "log_scale": clamp(out[..., c:])}
+    if self.obs_scale == "fixed":
+      log_scale = jnp.full((), math.log(self.obs_sigma), out.dtype)
+    else:
+      log_scale = clamp(self.obs_log_scale)
+    return {"mean": nn.sigmoid(out), "log_scale": log_scale}
+
+  def __call__(self, x):
+    """Decodes the posterior mean: x f32[B, H, W, C] -> likelihood parameters."""
+    mean, _ = self.encode(x)
+    return self.decode(mean)
+
+
+def make_model(model_cfg, image_shape: Sequence[int]) -> VAE:
+  """Builds the VAE a `config.model` describes for images of `image_shape` (H, W, C)."""
+  act = ACTIVATIONS[model_cfg.activation]
+  hidden = tuple(model_cfg.hidden)
+  out_per_pixel = 2 if model_cfg.likelihood == "discretized_logistic" else 1
+  if model_cfg.arch == "mlp":
+    encoder = MLPEncoder(hidden, model_cfg.latent_dim, act)
+    decoder = MLPDecoder(hidden, tuple(image_shape), out_per_pixel, act)
+  else:
+    channels = tuple(model_cfg.conv_channels)
+    encoder = ConvEncoder(channels, hidden, model_cfg.latent_dim, act)
+    decoder = ConvDecoder(channels, hidden, tuple(image_shape), out_per_pixel, act)
+  return VAE(encoder, decoder, tuple(image_shape), model_cfg.likelihood, model_cfg.obs_scale,
+             model_cfg.obs_sigma, model_cfg.log_scale_bound)
+
+
+def init_params(model: VAE, rng: jax.Array, image_shape: Sequence[int]):
+  """Parameters for a model, from a dummy batch of one image."""
+  return model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree_util.tree_leaves(params))
