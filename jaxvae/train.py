@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxvae import checkpoint, data, distributions, evaluate, models, objectives, parallel
+from jaxvae import checkpoint, data, evaluate, figures, models, objectives, parallel
 from jaxvae import config as config_lib
 
 TRAIN_SUM_KEYS = ("loss", "elbo_nats", "log_lik_nats", "kl_nats")
@@ -255,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if last or (epoch + 1) % config.checkpoint.every_epochs == 0:
       checkpoint.save(manager, state, keys.init, progress, {"test/elbo_nats": row["test/elbo_nats"]})
     if last or (config.figures_every and (epoch + 1) % config.figures_every == 0):
-      _draw_figures(workdir, model, state.params, ds, config, keys)
+      figures.draw_training_figures(workdir, model, state.params, ds, config, keys.eval)
   manager.wait_until_finished()
   manager.close()
   return TrainResult(state, history, {"train_chunk": train_chunk._cache_size(),
@@ -269,7 +269,3 @@ def _summary(row: dict) -> str:
           + f", {row['train/seconds']:.1f}s train ({row['train/images_per_s']:.0f} img/s), "
           f"{row['test/seconds']:.1f}s test")
 
-
-def _draw_figures(workdir, model, params, ds, config, keys):
-  from jaxvae import figures
-  figures.draw_training_figures(workdir, model, params, ds, config, keys.eval)
