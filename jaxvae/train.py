@@ -179,6 +179,41 @@ class TrainResult:
   compiled: dict[str, int]    # compilations of each jitted function (1 each in a healthy run)
 
 
+@dataclasses.dataclass
+class Run:
+  """A trained run restored from its workdir, ready for evaluation and figures."""
+  config: ml_collections.ConfigDict
+  dataset: data.Dataset
+  model: models.VAE
+  state: TrainState
+  keys: Keys
+  progress: dict  # epoch, step_in_epoch of the restored checkpoint
+
+
+def restore_run(workdir: str, step: int | None = None) -> Run:
+  """Rebuilds the model and data of WORKDIR from its config.json and restores a checkpoint
+  (the latest unless `step` is given)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} holds no config.json; is it a jaxvae run's --workdir?")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.model.hidden = tuple(config.model.hidden)
+  config.model.conv_channels = tuple(config.model.conv_channels)
+  ds = data.load(config.data)
+  model = models.make_model(config.model, ds.image_shape)
+  keys = Keys.from_seed(config.seed)
+  template = jax.eval_shape(
+      lambda: init_state(model, make_optimizer(config.optimizer), keys.init, ds.image_shape))
+  manager = checkpoint.make_manager(workdir, config.checkpoint.keep)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint; train first")
+  state, _, progress = checkpoint.restore(manager, step, template, keys.init)
+  manager.close()
+  return Run(config, ds, model, state, keys, progress)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Trains to `config.num_epochs`, evaluating each epoch, resuming from WORKDIR if it can."""
   config_lib.validate(config)
