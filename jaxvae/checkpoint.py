@@ -1,52 +1,172 @@
 """Orbax checkpoints of the whole run state in WORKDIR/checkpoints/.
 
-A checkpoint is keyed by the global step and holds `state` (params, optimizer state, step),
-the typed PRNG key's data, and `progress` (epoch, position in it, the epoch's partial train
-sums), with the resolved config as the manager's metadata. Everything else a resumed run needs
-(data order, per-step keys) is a function of (seed, epoch, step).
+A checkpoint is keyed by the global step and holds two items: `arrays`, a pytree with the
+train state and the run's typed PRNG keys (stored as their key data), and `progress` (epoch,
+position in it, the epoch's partial train sums), with the resolved config as the manager's
+metadata. Everything else a resumed run needs (data order, per-step keys) is a function of
+those keys, the epoch and the step.
+
+Restoring goes through a template, so every array's shape and dtype is checked against the
+current config before any is read. A step directory that cannot be read (a truncated file, a
+save cut short) is moved to WORKDIR/bad_checkpoints/ and reported, never deleted or reused.
 """
 
-import json
 import os
+import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+BEST_METRIC = "test/elbo_nats"
+_UNFINISHED = ".orbax-checkpoint-tmp"  # orbax writes here first and renames when complete
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used; the message says which and what to do."""
+
 
 def make_manager(workdir: str, keep: int, config_json: dict | None = None) -> ocp.CheckpointManager:
-  """Keeps the latest `keep` checkpoints and the best by test ELBO."""
+  """Keeps the latest `keep` checkpoints and the best by test ELBO.
+
+  `best_fn` is set as well as the policy only because orbax writes a checkpoint's metrics to
+  disk just when it is; without them a resumed run's BestN could not see earlier checkpoints.
+  """
   policy = cm.AnyPreservationPolicy([
       cm.LatestN(keep),
-      cm.BestN(get_metric_fn=lambda m: m["test/elbo_nats"], reverse=False, n=1,
+      cm.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
                keep_checkpoints_without_metrics=False),
   ])
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
-                                         enable_async_checkpointing=True)
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC], best_mode="max",
+      create=True, enable_async_checkpointing=True)
+  registry = ocp.handlers.create_default_handler_registry(
+      arrays=ocp.StandardCheckpointHandler(), progress=ocp.JsonCheckpointHandler())
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options, metadata=config_json)
+                               options=options, metadata=config_json, handler_registry=registry)
 
 
-def save(manager: ocp.CheckpointManager, state, rng: jax.Array, progress: dict,
+def _is_key(x) -> bool:
+  return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def save(manager: ocp.CheckpointManager, step: int, tree, progress: dict,
          metrics: dict | None = None) -> None:
-  """Starts an async save at `state.step`; `manager.wait_until_finished()` completes it."""
+  """Starts an async save of `tree` (arrays, typed keys allowed) and `progress` at `step`.
+
+  `metrics` (with BEST_METRIC) rank the checkpoint for keeping the best; a mid-epoch save has
+  none. `manager.wait_until_finished()` completes the save.
+  """
+  arrays = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
   # One array item: orbax 0.12.8 fails ("cannot schedule new futures") on two in a Composite.
-  arrays = {"state": state, "rng": jax.random.key_data(rng)}
   items = {"arrays": ocp.args.StandardSave(arrays), "progress": ocp.args.JsonSave(progress)}
-  manager.save(int(state.step), args=ocp.args.Composite(**items),
-               metrics={k: float(v) for k, v in (metrics or {}).items()})
+  metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
+  if not manager.save(step, args=ocp.args.Composite(**items), metrics=metrics):
+    raise CheckpointError(f"orbax declined to save step {step} in {manager.directory}, whose "
+                          f"latest step is {manager.latest_step()}; a checkpoint would be lost")
 
 
-def restore(manager: ocp.CheckpointManager, step: int, state_template, rng_template: jax.Array):
-  """Restores (state, rng, progress) at `step` into the shapes/dtypes of the templates."""
-  template = {"state": state_template, "rng": jax.random.key_data(rng_template)}
-  items = {"arrays": ocp.args.StandardRestore(template), "progress": ocp.args.JsonRestore()}
+def _leaf_name(path) -> str:
+  """A key path as orbax names the array: 'state.params.encoder.Dense_0.kernel'."""
+  return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _describe(shape, dtype) -> str:
+  return f"{np.dtype(dtype).name}[{','.join(str(d) for d in shape)}]"
+
+
+def _storage_template(template, sharding):
+  """ShapeDtypeStructs of what is on disk: typed keys become their uint32 key data."""
+  def leaf(x):
+    if _is_key(x):
+      x = jax.eval_shape(jax.random.key_data, x)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or getattr(x, "sharding", None))
+  return jax.tree.map(leaf, template)
+
+
+def check_fits(manager: ocp.CheckpointManager, step: int, storage_template) -> None:
+  """Raises CheckpointError naming every array whose name, shape or dtype differs."""
+  saved = {m.name: (tuple(m.shape), m.dtype)
+           for m in jax.tree.leaves(manager.item_metadata(step)["arrays"])}
+  wanted = {_leaf_name(p): (tuple(x.shape), x.dtype)
+            for p, x in jax.tree_util.tree_flatten_with_path(storage_template)[0]}
+  problems = [f"{name} is {_describe(*saved[name])} in the checkpoint but {_describe(*want)} "
+              "for this config" for name, want in wanted.items()
+              if name in saved and (saved[name][0] != want[0]
+                                    or np.dtype(saved[name][1]) != np.dtype(want[1]))]
+  problems += [f"{name} is missing from the checkpoint" for name in wanted if name not in saved]
+  problems += [f"{name} is in the checkpoint but not in this config's state"
+               for name in saved if name not in wanted]
+  if problems:
+    shown = "; ".join(problems[:6])
+    if len(problems) > 6:
+      shown += f"; and {len(problems) - 6} more"
+    raise CheckpointError(
+        f"checkpoint {manager.directory}/{step} does not fit this config's train state: "
+        f"{shown}. It was written by another model or optimizer config (or an older jaxvae); "
+        "resume it with the config it was trained with (its config.json), or train this "
+        "config in a new --workdir")
+
+
+def restore(manager: ocp.CheckpointManager, step: int, template, sharding=None):
+  """Restores (tree, progress) at `step` into the structure, shapes and dtypes of `template`.
+
+  template: a pytree like the saved one; its leaves may be ShapeDtypeStructs (from
+  `jax.eval_shape`), except typed PRNG keys, which must be concrete arrays so their
+  implementation is known. `sharding` places every array (default: the template's own).
+  Raises CheckpointError when the template does not fit the checkpoint.
+  """
+  storage = _storage_template(template, sharding)
+  check_fits(manager, step, storage)
+  items = {"arrays": ocp.args.StandardRestore(storage), "progress": ocp.args.JsonRestore()}
   out = manager.restore(step, args=ocp.args.Composite(**items))
-  rng = jax.random.wrap_key_data(out["arrays"]["rng"], impl=jax.random.key_impl(rng_template))
-  return out["arrays"]["state"], rng, dict(out["progress"])
+  tree = jax.tree.map(
+      lambda t, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
+      template, out["arrays"])
+  return tree, dict(out["progress"])
 
 
-def saved_config(manager: ocp.CheckpointManager) -> dict | None:
-  meta = manager.metadata()
-  custom = getattr(meta, "custom_metadata", None)
-  return json.loads(json.dumps(custom)) if custom else None
+def _move_aside(manager: ocp.CheckpointManager, name: str, why: str) -> None:
+  """Moves checkpoints/NAME to bad_checkpoints/NAME(-time) and says so."""
+  src = os.path.join(str(manager.directory), name)
+  bad_dir = os.path.join(os.path.dirname(str(manager.directory)), "bad_checkpoints")
+  os.makedirs(bad_dir, exist_ok=True)
+  dst = os.path.join(bad_dir, name)
+  if os.path.exists(dst):
+    dst += time.strftime("-%Y%m%d-%H%M%S")
+  os.rename(src, dst)
+  print(f"checkpoint {src} {why}; moved it to {dst}", flush=True)
+
+
+def restore_latest(manager: ocp.CheckpointManager, template, sharding=None):
+  """Restores the newest checkpoint that reads back whole: (step, tree, progress), or None.
+
+  Saves that never finished and newer checkpoints that fail to read are moved aside with a
+  message, so the run goes on from the previous good one and later saves cannot collide
+  with them. A checkpoint that reads but does not fit `template` raises CheckpointError.
+  """
+  for name in sorted(os.listdir(manager.directory)):
+    if _UNFINISHED in name:
+      _move_aside(manager, name, "is a save that never finished (the run stopped while "
+                  "writing it)")
+  manager.reload()
+  unreadable = []
+  for step in reversed(manager.all_steps()):
+    try:
+      tree, progress = restore(manager, step, template, sharding)
+    except CheckpointError:
+      raise
+    except Exception as e:  # orbax and tensorstore raise many types for damaged files
+      unreadable.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+      continue
+    for bad, error in unreadable:
+      _move_aside(manager, str(bad), f"cannot be read ({error}); resuming from step {step}")
+    manager.reload()
+    return step, tree, progress
+  if unreadable:
+    listed = "; ".join(f"step {s}: {e}" for s, e in unreadable)
+    raise CheckpointError(f"no checkpoint in {manager.directory} can be read ({listed}). Move "
+                          "the directory away to start over, or restore it from a backup")
+  return None
+

@@ -5,6 +5,8 @@ and wrong types in `--config.key=value` overrides are refused by ml_collections 
 (ConfigDicts here are locked and type-safe); `validate` then checks values and combinations.
 """
 
+import json
+
 import ml_collections
 
 from jaxvae import data, distributions, models
@@ -36,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.likelihood = "gaussian"  # gaussian | bernoulli | discretized_logistic
   c.model.obs_scale = "fixed"      # gaussian: fixed | learned_global | learned_pixel
   c.model.obs_sigma = 0.5 ** 0.5   # gaussian, fixed: sigma of p(x|z)
+  c.model.decoder_mean = "sigmoid"  # gaussian: sigmoid (paper) | identity
   c.model.log_scale_bound = 7.0    # every log-scale is soft-clamped to (-bound, bound)
 
   c.objective = ml_collections.ConfigDict()
@@ -45,9 +48,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-3
   c.optimizer.grad_clip_norm = 0.0  # global-norm clipping; 0 turns it off
+  c.optimizer.max_consecutive_skips = 20  # non-finite steps are skipped; this many in a row stop
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 1000         # test-split batch; the split is padded, never truncated
+  c.eval.iw_samples = 1000         # K of the IWAE bound in `python -m jaxvae.evaluate`
+  c.eval.iw_batch_size = 10        # IWAE: images per step; iw_batch_size * iw_chunk decoded at once
+  c.eval.iw_chunk = 100            # IWAE: importance samples drawn per decoder call
 
   c.log = ml_collections.ConfigDict()
   c.log.chunks_per_epoch = 10      # compiled calls per epoch; the progress bar moves between
@@ -74,8 +81,9 @@ def _positive(value, key, number=int):
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first key whose value cannot run."""
   for key in ("num_epochs", "batch_size", "model.latent_dim", "objective.num_samples",
-              "eval.batch_size", "log.chunks_per_epoch", "checkpoint.every_epochs",
-              "checkpoint.keep"):
+              "eval.batch_size", "eval.iw_samples", "eval.iw_batch_size", "eval.iw_chunk",
+              "log.chunks_per_epoch", "checkpoint.every_epochs",
+              "checkpoint.keep", "optimizer.max_consecutive_skips"):
     value = c
     for part in key.split("."):
       value = value[part]
@@ -88,6 +96,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c.model.activation, tuple(models.ACTIVATIONS), "model.activation")
   _choice(c.model.likelihood, distributions.LIKELIHOODS, "model.likelihood")
   _choice(c.model.obs_scale, models.OBS_SCALES, "model.obs_scale")
+  _choice(c.model.decoder_mean, models.DECODER_MEANS, "model.decoder_mean")
   for key in ("model.hidden", "model.conv_channels"):
     widths = c.model[key.split(".")[1]]
     if not all(isinstance(w, int) and w > 0 for w in widths):
@@ -108,3 +117,40 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.data.source == "folder" and not c.data.path:
     raise ConfigError("config.data.source='folder' needs config.data.path (a folder laid out "
                       "split/class/*.png, or a .tar.gz of one)")
+
+
+# Keys a resumed run may change: they steer how long it runs, what it logs and evaluates, and
+# how it checkpoints, never the trajectory of the parameters. All other keys are frozen.
+RESUMABLE_KEYS = ("num_epochs", "figures_every", "log", "eval", "checkpoint", "data.cache_dir",
+                  "optimizer.max_consecutive_skips")
+_ABSENT = "<absent>"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def resume_changes(saved: dict, current: dict) -> tuple[dict, dict]:
+  """Splits what differs between two configs (as JSON dicts) into (frozen, allowed).
+
+  Each is {dotted key: (saved value, current value)}, with "<absent>" for a key that one
+  side lacks; `allowed` holds the keys under RESUMABLE_KEYS. A key newer than the saved run
+  is no change when it holds its default (code that adds a key defaults to the old behavior).
+  """
+  old, new = _flatten(saved), _flatten(current)
+  defaults = _flatten(json.loads(base_config().to_json_best_effort()))
+  frozen, allowed = {}, {}
+  for key in sorted(old.keys() | new.keys()):
+    before, after = old.get(key, _ABSENT), new.get(key, _ABSENT)
+    if before == _ABSENT and key in defaults and after == defaults[key]:
+      continue
+    if before != after:
+      resumable = any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)
+      (allowed if resumable else frozen)[key] = (before, after)
+  return frozen, allowed

@@ -17,6 +17,7 @@ ACTIVATIONS: dict[str, Callable] = {
 }
 ARCHITECTURES = ("mlp", "conv")
 OBS_SCALES = ("fixed", "learned_global", "learned_pixel")
+DECODER_MEANS = ("sigmoid", "identity")
 
 
 class MLPEncoder(nn.Module):
@@ -111,7 +112,8 @@ class VAE(nn.Module):
   """Encoder, decoder and the likelihood head that turns decoder outputs into p(x|z).
 
   `decode` returns the likelihood's parameters as a dict (see `distributions.log_likelihood`):
-    gaussian: mean = sigmoid(out) (the paper's sigmoid output) and log_scale, fixed
+    gaussian: mean = sigmoid(out) (the paper's sigmoid output; `decoder_mean="identity"`
+      leaves it unbounded) and log_scale, fixed
       (log obs_sigma) or learned (one scalar, or one per pixel, independent of z);
     bernoulli: logits = out;
     discretized_logistic: mean = sigmoid(out[..., :C]), log_scale from out[..., C:].
@@ -124,6 +126,7 @@ class VAE(nn.Module):
   obs_scale: str = "fixed"
   obs_sigma: float = 0.5 ** 0.5
   log_scale_bound: float = 7.0
+  decoder_mean: str = "sigmoid"
 
   def setup(self):
     shape = {"learned_global": (), "learned_pixel": tuple(self.image_shape)}.get(self.obs_scale)
@@ -148,7 +151,8 @@ class VAE(nn.Module):
       log_scale = jnp.full((), math.log(self.obs_sigma), out.dtype)
     else:
       log_scale = clamp(self.obs_log_scale)
-    return {"mean": nn.sigmoid(out), "log_scale": log_scale}
+    mean = nn.sigmoid(out) if self.decoder_mean == "sigmoid" else out
+    return {"mean": mean, "log_scale": log_scale}
 
   def __call__(self, x):
     """Decodes the posterior mean: x f32[B, H, W, C] -> likelihood parameters."""
@@ -169,7 +173,7 @@ def make_model(model_cfg, image_shape: Sequence[int]) -> VAE:
     encoder = ConvEncoder(channels, hidden, model_cfg.latent_dim, act)
     decoder = ConvDecoder(channels, hidden, tuple(image_shape), out_per_pixel, act)
   return VAE(encoder, decoder, tuple(image_shape), model_cfg.likelihood, model_cfg.obs_scale,
-             model_cfg.obs_sigma, model_cfg.log_scale_bound)
+             model_cfg.obs_sigma, model_cfg.log_scale_bound, model_cfg.decoder_mean)
 
 
 def init_params(model: VAE, rng: jax.Array, image_shape: Sequence[int]):

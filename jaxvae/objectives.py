@@ -7,6 +7,10 @@ expectation is the mean of `num_samples` reparameterized draws (the paper's 1/L 
 Batch figures are means over examples. Everything is in nats.
 """
 
+import functools
+import math
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -49,3 +53,41 @@ def loss(params, rng: jax.Array, x: jax.Array, *, model: VAE, beta: float = 1.0,
   value = -(log_lik - beta * kl)
   return value, {"loss": value, "elbo_nats": log_lik - kl, "log_lik_nats": log_lik,
                  "kl_nats": kl}
+
+
+def iwae_bound(params, rng: jax.Array, x: jax.Array, *, model: VAE, num_samples: int,
+               chunk_size: int | None = None,
+               log_lik_fn: Callable[[jax.Array, dict], jax.Array] | None = None
+               ) -> dict[str, jax.Array]:
+  """The importance-weighted bound (Burda et al. 2016) with K = `num_samples` draws from q(z|x).
+
+      log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x),   z_k ~ q(z|x)
+      iwae    = logsumexp_k(log w_k) - log K   (<= log p(x), rising to it as K grows)
+      elbo    = mean_k(log w_k)                (the K-sample ELBO; iwae >= elbo per example)
+
+  x: f32[B, H, W, C]. The draws are taken `chunk_size` at a time (B * chunk_size decoded images
+  in memory at once) and folded into a running float32 logsumexp. `log_lik_fn(x, obs) -> f32[B]`
+  scores the decoder output; the default is the model's own likelihood. Returns f32[B] nats.
+  """
+  if log_lik_fn is None:
+    log_lik_fn = functools.partial(distributions.log_likelihood, model.likelihood)
+  chunk = min(chunk_size or num_samples, num_samples)
+  num_chunks = -(-num_samples // chunk)
+  mean, log_scale = model.apply(params, x, method=VAE.encode)
+  x_rep = jnp.broadcast_to(x, (chunk,) + x.shape).reshape((-1,) + x.shape[1:])
+
+  def body(carry, i):
+    lse, total = carry
+    z = distributions.sample_diag_gaussian(jax.random.fold_in(rng, i), mean, log_scale, chunk)
+    obs = model.apply(params, z.reshape(-1, z.shape[-1]), method=VAE.decode)
+    log_w = (log_lik_fn(x_rep, obs).reshape(chunk, x.shape[0])
+             + distributions.standard_normal_log_prob(z)
+             - distributions.diag_gaussian_log_prob(z, mean, log_scale))  # [chunk, B]
+    # The last chunk may overrun K; its extra draws count for nothing.
+    real = (i * chunk + jnp.arange(chunk) < num_samples)[:, None]
+    lse = jnp.logaddexp(lse, jax.nn.logsumexp(jnp.where(real, log_w, -jnp.inf), axis=0))
+    return (lse, total + jnp.where(real, log_w, 0.0).sum(axis=0)), None
+
+  init = (jnp.full(x.shape[:1], -jnp.inf, jnp.float32), jnp.zeros(x.shape[:1], jnp.float32))
+  (lse, total), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
+  return {"iwae": lse - math.log(num_samples), "elbo": total / num_samples}

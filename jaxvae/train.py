@@ -12,7 +12,11 @@ import functools
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 from typing import Any
 
@@ -34,6 +38,7 @@ class TrainState:
   step: jax.Array  # int32[], global optimizer steps taken (skipped ones included)
   params: Any
   opt_state: Any
+  skips: jax.Array  # int32[], non-finite steps skipped in a row up to now
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +53,9 @@ class Keys:
   def from_seed(cls, seed: int) -> "Keys":
     return cls(*jax.random.split(jax.random.key(seed), 4))
 
+  def as_dict(self) -> dict[str, jax.Array]:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
 
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:
   """Adam, optionally after global-norm clipping."""
@@ -60,11 +68,16 @@ def make_optimizer(opt_cfg) -> optax.GradientTransformation:
 def init_state(model: models.VAE, tx: optax.GradientTransformation, rng: jax.Array,
                image_shape) -> TrainState:
   params = models.init_params(model, rng, image_shape)
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.zeros((), jnp.int32))
 
 
 def make_train_step(model: models.VAE, tx, config):
-  """(state, x uint8[B, H, W, C], key) -> (state, metrics of floats[])."""
+  """(state, x uint8[B, H, W, C], key) -> (state, metrics of floats[]).
+
+  A step whose loss or gradients are not finite leaves params and optimizer state as they
+  were; it still advances `step` (so the next step draws a fresh key) and counts in `skips`,
+  which a finite step resets. metrics["skipped"] says which happened.
+  """
   loss_fn = functools.partial(objectives.loss, model=model, beta=config.objective.beta,
                               num_samples=config.objective.num_samples)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -72,43 +85,61 @@ def make_train_step(model: models.VAE, tx, config):
   def train_step(state: TrainState, x_uint8: jax.Array, key: jax.Array):
     bin_key, z_key = jax.random.split(key)
     x = data.to_unit_interval(x_uint8, bin_key, config.data.binarize)
-    (_, metrics), grads = grad_fn(state.params, z_key, x)
+    (loss, metrics), grads = grad_fn(state.params, z_key, x)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(state.step + 1, params, opt_state), metrics
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    skips = jnp.where(finite, 0, state.skips + 1)
+    metrics = dict(metrics, skipped=~finite, skips=skips)
+    return TrainState(state.step + 1, keep(params, state.params),
+                      keep(opt_state, state.opt_state), skips), metrics
 
   return train_step
 
 
 def make_train_chunk(train_step, mesh):
-  """Compiles `len(batch_idx)` steps as one call.
+  """Compiles up to S steps as one call.
 
-  chunk(state, images uint8[N, H, W, C], batch_idx int32[S, B], valid bool[S], train_key)
-    -> (state, sums): sums of each metric over the valid steps, and the count `steps`.
-  Padded steps (valid False) leave the state untouched, so every chunk has one shape and the
-  function compiles once per run.
+  chunk(state, batches uint8[S, B, H, W, C] (batch axis sharded, see `parallel.gather_batches`),
+        valid bool[S], train_key)
+    -> (state, sums): sums of each metric over the applied steps, the counts `steps` (valid)
+    and `skipped_steps` (non-finite), and `max_skips`, the longest run of skips so far.
+  `valid` is a prefix: the epoch's last chunk is padded. Only the valid steps run, in a loop
+  of dynamic length, so every chunk has one shape and the function compiles once per run.
   """
   batch_sharding = parallel.batch_sharded(mesh)
 
-  def chunk(state, images, batch_idx, valid, train_key):
-    def body(state, inputs):
-      idx, ok = inputs
+  def chunk(state, batches, valid, train_key):
+    def body(i, carry):
+      state, metrics = carry
+      x = jax.lax.with_sharding_constraint(batches[i], batch_sharding)
+      state, step_metrics = train_step(state, x, jax.random.fold_in(train_key, state.step))
+      return state, jax.tree.map(lambda m, v: m.at[i].set(v), metrics, step_metrics)
 
-      def step(state):
-        x = jax.lax.with_sharding_constraint(images[idx], batch_sharding)
-        return train_step(state, x, jax.random.fold_in(train_key, state.step))
-
-      def skip(state):
-        return state, jax.tree.map(jnp.zeros_like, jax.eval_shape(step, state)[1])
-
-      return jax.lax.cond(ok, step, skip, state)
-
-    state, metrics = jax.lax.scan(body, state, (batch_idx, valid))
-    sums = {k: jnp.sum(jnp.where(valid, metrics[k], 0.0)) for k in TRAIN_SUM_KEYS}
+    shapes = jax.eval_shape(train_step, state, batches[0], train_key)[1]
+    metrics = jax.tree.map(lambda m: jnp.zeros(valid.shape + m.shape, m.dtype), shapes)
+    # A while loop, not a scan of lax.cond: the cond's buffers cost a copy of the largest
+    # parameters on every step.
+    state, metrics = jax.lax.fori_loop(0, valid.sum(), body, (state, metrics))
+    applied = valid & ~metrics["skipped"]
+    sums = {k: jnp.sum(jnp.where(applied, metrics[k], 0.0)) for k in TRAIN_SUM_KEYS}
     sums["steps"] = valid.sum()
+    sums["skipped_steps"] = (valid & metrics["skipped"]).sum()
+    sums["max_skips"] = jnp.max(jnp.where(valid, metrics["skips"], 0))
     return state, sums
 
-  return jax.jit(chunk, donate_argnums=0)
+  return jax.jit(chunk, donate_argnums=0, compiler_options=_compiler_options(mesh))
+
+
+def _compiler_options(mesh) -> dict:
+  # XLA:CPU's default copy insertion copies the loop-carried parameters that the optimizer
+  # updates in place (about 8 MB per step for the paper's model); region analysis proves the
+  # copies unneeded. Other backends ignore the option.
+  if mesh.devices.flat[0].platform == "cpu":
+    return {"xla_cpu_copy_insertion_use_region_analysis": True}
+  return {}
 
 
 def epoch_batches(shuffle_key: jax.Array, epoch: int, num_examples: int, batch_size: int,
@@ -130,10 +161,10 @@ def epoch_batches(shuffle_key: jax.Array, epoch: int, num_examples: int, batch_s
 
 
 class _Progress:
-  """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+  """A one-line progress bar on stderr, drawn only when stderr is a terminal (of process 0)."""
 
   def __init__(self, enabled: bool, total: int, label: str):
-    self.enabled = enabled and sys.stderr.isatty()
+    self.enabled = enabled and sys.stderr.isatty() and parallel.is_primary()
     self.total, self.label, self.start = total, label, time.time()
 
   def update(self, done: int, loss: float):
@@ -150,26 +181,126 @@ class _Progress:
 
 
 def _append_jsonl(path: str, row: dict) -> None:
+  if not parallel.is_primary():  # a run's files are written once, by process 0
+    return
   with open(path, "a") as f:
     f.write(json.dumps(row) + "\n")
     f.flush()
     os.fsync(f.fileno())
 
 
-def _truncate_metrics(path: str, last_epoch: int) -> None:
-  """Drops rows past the restored epoch (written before a kill cut their checkpoint short)."""
-  if not os.path.exists(path):
-    return
+def _truncate_metrics(path: str, last_epoch: int) -> int:
+  """Drops rows past the restored epoch (written before a kill cut their checkpoint short);
+  returns how many, as they will be written again."""
+  if not parallel.is_primary() or not os.path.exists(path):
+    return 0
   with open(path) as f:
-    rows = [line for line in f if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+    lines = [line for line in f if line.strip()]
+  rows = [line for line in lines if json.loads(line)["epoch"] <= last_epoch]
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.writelines(rows)
   os.replace(tmp, path)
+  return len(lines) - len(rows)
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
+
+
+class RunError(RuntimeError):
+  """A run that cannot start or go on; the message says why and what to do."""
+
+
+# What a run writes in its workdir; --overwrite deletes exactly these.
+RUN_FILES = ("config.json", "config_changes.jsonl", "metrics.jsonl", "checkpoints",
+             "bad_checkpoints", "figures")
+
+
+def _prepare_workdir(workdir: str, config_json: dict, overwrite: bool) -> dict:
+  """Checks WORKDIR before any compute; returns the allowed config changes of a resumed run.
+
+  Refuses a workdir that cannot be written, or one holding a run whose frozen config keys
+  differ or cannot be read, unless `overwrite`, which deletes that run's files first.
+  """
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):  # permissions alone miss read-only mounts
+      pass
+  except OSError as e:
+    raise RunError(f"--workdir={workdir} cannot be written ({e.strerror}); choose a directory "
+                   "you can write to") from None
+  present = [name for name in RUN_FILES if os.path.exists(os.path.join(workdir, name))]
+  if present and overwrite:
+    for name in present if parallel.is_primary() else ():
+      path = os.path.join(workdir, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    print(f"--overwrite: deleted {', '.join(present)} of the previous run in {workdir}",
+          flush=True)
+    return {}
+  if not present:
+    return {}
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise RunError(f"{workdir} holds {', '.join(present)} but no readable config.json ({e}), so "
+                   "this config cannot be checked against its run; choose another --workdir, or "
+                   "pass --overwrite to delete that run") from None
+  frozen, allowed = config_lib.resume_changes(saved, config_json)
+  if frozen:
+    listed = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in frozen.items())
+    raise RunError(
+        f"{workdir} holds a run of another config ({listed}). A resumed run may change only "
+        f"{', '.join(config_lib.RESUMABLE_KEYS)}. Rerun with the run's own values to resume it, "
+        "choose another --workdir, or pass --overwrite to delete that run and start over")
+  return allowed
+
+
+def _write_config(workdir: str, config_json: dict) -> None:
+  """Writes config.json atomically: a kill mid-write must not leave a run unresumable."""
+  if not parallel.is_primary():
+    return
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(config_json, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+class _StopRequest:
+  """Turns SIGINT/SIGTERM into `signum`, which the training loop checks between chunks; a
+  second signal acts at once (the previous handler). Handlers can only be set in the main
+  thread; elsewhere this does nothing."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc_info):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    # No printing here: the handler may interrupt a write to the same stream.
+    if self.signum is not None:
+      self.__exit__()
+      signal.raise_signal(signum)
+    self.signum = signum
+
+
+def _add_chunk(sums: dict, chunk_sums) -> int:
+  """Adds one chunk's device sums into the epoch's host `sums`; returns its `max_skips`."""
+  chunk_sums = jax.device_get(chunk_sums)
+  for k in TRAIN_SUM_KEYS + ("steps", "skipped_steps"):
+    sums[k] = sums.get(k, 0.0) + float(chunk_sums[k])
+  return int(chunk_sums["max_skips"])
 
 
 @dataclasses.dataclass
@@ -177,6 +308,7 @@ class TrainResult:
   state: TrainState
   history: list[dict]         # this invocation's metrics.jsonl rows
   compiled: dict[str, int]    # compilations of each jitted function (1 each in a healthy run)
+  stopped_by: str | None = None  # the signal that stopped the run early ("SIGTERM"), if any
 
 
 @dataclasses.dataclass
@@ -190,6 +322,16 @@ class Run:
   progress: dict  # epoch, step_in_epoch of the restored checkpoint
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 def restore_run(workdir: str, step: int | None = None) -> Run:
   """Rebuilds the model and data of WORKDIR from its config.json and restores a checkpoint
   (the latest unless `step` is given)."""
@@ -197,27 +339,39 @@ def restore_run(workdir: str, step: int | None = None) -> Run:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir} holds no config.json; is it a jaxvae run's --workdir?")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.model.hidden = tuple(config.model.hidden)
-  config.model.conv_channels = tuple(config.model.conv_channels)
+    saved = json.load(f)
+  # Laid over today's defaults, so a run saved before a key existed still restores.
+  config = config_lib.base_config()
+  config.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in _flatten(saved).items() if k in _flatten(config.to_dict())})
   ds = data.load(config.data)
   model = models.make_model(config.model, ds.image_shape)
   keys = Keys.from_seed(config.seed)
-  template = jax.eval_shape(
-      lambda: init_state(model, make_optimizer(config.optimizer), keys.init, ds.image_shape))
+  template = {"state": jax.eval_shape(
+      lambda: init_state(model, make_optimizer(config.optimizer), keys.init, ds.image_shape)),
+              "keys": keys.as_dict()}
   manager = checkpoint.make_manager(workdir, config.checkpoint.keep)
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint; train first")
-  state, _, progress = checkpoint.restore(manager, step, template, keys.init)
+  tree, progress = checkpoint.restore(manager, step, template,
+                                      parallel.replicated(parallel.make_mesh()))
   manager.close()
-  return Run(config, ds, model, state, keys, progress)
+  return Run(config, ds, model, tree["state"], Keys(**tree["keys"]), progress)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
-  """Trains to `config.num_epochs`, evaluating each epoch, resuming from WORKDIR if it can."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       overwrite: bool = False) -> TrainResult:
+  """Trains to `config.num_epochs`, evaluating each epoch, resuming from WORKDIR if it can.
+
+  SIGINT/SIGTERM stop the run at the next chunk boundary with a checkpoint (mid-epoch ones
+  hold the epoch's position and partial sums, so resuming stays exact); the result's
+  `stopped_by` names the signal. `overwrite` deletes a previous run of another config.
+  """
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  config_json = _config_json(config)
+  changes = _prepare_workdir(workdir, config_json, overwrite)
+  parallel.barrier("workdir prepared")  # no process reads a workdir that --overwrite empties
   mesh = parallel.make_mesh()
   parallel.check_batch_divides(config.batch_size, mesh)
 
@@ -233,72 +387,124 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   model = models.make_model(config.model, ds.image_shape)
   tx = make_optimizer(config.optimizer)
-  keys = Keys.from_seed(config.seed)
-  state = init_state(model, tx, keys.init, ds.image_shape)
   replicated = parallel.replicated(mesh)
-  state = jax.device_put(state, replicated)
-  train_images = jax.device_put(ds.train.images, replicated)
+  # Replicated over the mesh, like the state: orbax saves only global arrays in a multi-process run.
+  keys = Keys(**parallel.replicate(Keys.from_seed(config.seed).as_dict(), mesh))
 
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(_config_json(config), f, indent=2)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  manager = checkpoint.make_manager(workdir, config.checkpoint.keep, _config_json(config))
-  progress = {"epoch": 0, "step_in_epoch": 0, "sums": {}}
-  if manager.latest_step() is not None:
-    state, _, progress = checkpoint.restore(manager, manager.latest_step(), state, keys.init)
-    state = jax.device_put(state, replicated)
-    _truncate_metrics(metrics_path, progress["epoch"])
-    print(f"resumed from step {int(state.step)} (epoch {progress['epoch']})", flush=True)
-  elif os.path.exists(metrics_path):
-    os.remove(metrics_path)
+  manager = checkpoint.make_manager(workdir, config.checkpoint.keep, config_json)
+  template = {"state": jax.eval_shape(lambda: init_state(model, tx, keys.init, ds.image_shape)),
+              "keys": keys.as_dict()}
+  restored = checkpoint.restore_latest(manager, template, replicated)
+  if restored is None:
+    state = parallel.replicate(init_state(model, tx, keys.init, ds.image_shape), mesh)
+    progress = {"epoch": 0, "step_in_epoch": 0, "sums": {}}
+  else:
+    _, tree, progress = restored
+    state, keys = tree["state"], Keys(**tree["keys"])
+    where = (f"step {progress['step_in_epoch']} of epoch {progress['epoch'] + 1}"
+             if progress["step_in_epoch"] else f"the end of epoch {progress['epoch']}")
+    print(f"resumed from step {int(state.step)}, {where}", flush=True)
+  dropped = _truncate_metrics(metrics_path, progress["epoch"])
+  if dropped:
+    print(f"dropped {dropped} metrics.jsonl rows past epoch {progress['epoch']}, the last "
+          "checkpointed; their epochs run again", flush=True)
+  if changes:
+    print("config changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}"
+                                                   for k, (a, b) in changes.items()), flush=True)
+    _append_jsonl(os.path.join(workdir, "config_changes.jsonl"),
+                  {"step": int(state.step), "epoch": progress["epoch"],
+                   "changes": {k: list(v) for k, v in changes.items()}})
+  _write_config(workdir, config_json)
 
   train_chunk = make_train_chunk(make_train_step(model, tx, config), mesh)
   evaluator = evaluate.Evaluator(model, config, ds.test, mesh)
   history = []
-  for epoch in range(progress["epoch"], config.num_epochs):
-    start_step = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
-    sums = progress["sums"] if start_step else {}
-    t0 = time.time()
-    idx, valid = epoch_batches(keys.shuffle, epoch, num_train, config.batch_size, start_step,
-                               chunk_steps)
-    bar = _Progress(config.log.progress, steps_per_epoch, f"epoch {epoch + 1}/{config.num_epochs}")
-    pending = []
-    for i in range(idx.shape[0]):  # dispatch every chunk; read results as they finish
-      state, chunk_sums = train_chunk(state, train_images, idx[i], valid[i], keys.train)
-      pending.append(chunk_sums)
-    done = start_step
-    for chunk_sums in pending:
-      chunk_sums = jax.device_get(chunk_sums)
-      for k, v in chunk_sums.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
-      done += int(chunk_sums["steps"])
-      bar.update(done, sums["loss"] / max(sums["steps"], 1))
-    bar.close()
-    train_seconds = time.time() - t0
-    row = {"epoch": epoch + 1, "step": int(state.step)}
-    row.update({f"train/{k}": sums[k] / sums["steps"] for k in TRAIN_SUM_KEYS})
-    row["train/seconds"] = train_seconds
-    row["train/images_per_s"] = (steps_per_epoch - start_step) * config.batch_size / train_seconds
-    t1 = time.time()
-    row.update({f"test/{k}": v for k, v in evaluator(state.params, keys.eval).items()})
-    row["test/seconds"] = time.time() - t1
-    _append_jsonl(metrics_path, row)  # before the checkpoint: a kill in between replays the epoch
-    history.append(row)
-    print(_summary(row), flush=True)
-    progress = {"epoch": epoch + 1, "step_in_epoch": 0, "sums": {}}
-    last = epoch + 1 == config.num_epochs
-    if last or (epoch + 1) % config.checkpoint.every_epochs == 0:
-      checkpoint.save(manager, state, keys.init, progress, {"test/elbo_nats": row["test/elbo_nats"]})
-    if last or (config.figures_every and (epoch + 1) % config.figures_every == 0):
-      figures.draw_training_figures(workdir, model, state.params, ds, config, keys.eval)
-  manager.wait_until_finished()
-  manager.close()
+  stop = _StopRequest()
+  try:
+    with stop:
+      print(f"training epochs {progress['epoch'] + 1}..{config.num_epochs} in {workdir}; "
+            "Ctrl-C or SIGTERM saves a checkpoint and stops", flush=True)
+      for epoch in range(progress["epoch"], config.num_epochs):
+        start_step = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
+        sums = dict(progress["sums"]) if start_step else {}
+        t0 = time.time()
+        idx, valid = jax.device_get(epoch_batches(keys.shuffle, epoch, num_train,
+                                                  config.batch_size, start_step, chunk_steps))
+        bar = _Progress(config.log.progress, steps_per_epoch,
+                        f"epoch {epoch + 1}/{config.num_epochs}")
+        pending = []  # one chunk runs on device while the host reads the one before
+        for i in range(idx.shape[0]):
+          batches = parallel.gather_batches(ds.train.images, idx[i], mesh)
+          state, chunk_sums = train_chunk(state, batches, valid[i], keys.train)
+          pending.append(chunk_sums)
+          while len(pending) > (0 if stop.signum or i == idx.shape[0] - 1 else 1):
+            max_skips = _add_chunk(sums, pending.pop(0))
+            applied = sums["steps"] - sums["skipped_steps"]
+            bar.update(int(sums["steps"]), sums["loss"] / max(applied, 1))
+            if max_skips >= config.optimizer.max_consecutive_skips:
+              bar.close()
+              raise RunError(
+                  f"{max_skips} training steps in a row (in epoch {epoch + 1}) had a non-finite "
+                  "loss or gradients; their updates were skipped and the run stopped "
+                  f"(config.optimizer.max_consecutive_skips="
+                  f"{config.optimizer.max_consecutive_skips}). The last good checkpoint, step "
+                  f"{manager.latest_step()}, is intact, but resuming replays the same steps; "
+                  "start over in a new --workdir with a lower optimizer.learning_rate or an "
+                  "optimizer.grad_clip_norm")
+          if stop.signum:
+            break
+        bar.close()
+        done = int(sums["steps"])
+        if done < steps_per_epoch:  # stopped by a signal mid-epoch
+          progress = {"epoch": epoch, "step_in_epoch": done, "sums": sums}
+          checkpoint.save(manager, int(state.step), {"state": state, "keys": keys.as_dict()},
+                          progress)
+          break
+        train_seconds = time.time() - t0
+        applied = sums["steps"] - sums["skipped_steps"]
+        row = {"epoch": epoch + 1, "step": int(state.step)}
+        row.update({f"train/{k}": sums[k] / applied if applied else float("nan")
+                    for k in TRAIN_SUM_KEYS})
+        row["train/skipped_steps"] = int(sums["skipped_steps"])
+        row["train/seconds"] = train_seconds
+        row["train/images_per_s"] = ((steps_per_epoch - start_step) * config.batch_size
+                                     / train_seconds)
+        t1 = time.time()
+        row.update({f"test/{k}": v for k, v in evaluator(state.params, keys.eval).items()})
+        row["test/seconds"] = time.time() - t1
+        _append_jsonl(metrics_path, row)  # before the checkpoint: a kill in between replays the epoch
+        history.append(row)
+        print(_summary(row), flush=True)
+        progress = {"epoch": epoch + 1, "step_in_epoch": 0, "sums": {}}
+        last = epoch + 1 == config.num_epochs
+        if last or stop.signum or (epoch + 1) % config.checkpoint.every_epochs == 0:
+          checkpoint.save(manager, int(state.step), {"state": state, "keys": keys.as_dict()},
+                          progress, {checkpoint.BEST_METRIC: row[checkpoint.BEST_METRIC]})
+        if parallel.is_primary() and (
+            last or (config.figures_every and (epoch + 1) % config.figures_every == 0)):
+          # Local copies: computing on the global arrays would need every process to join in.
+          figures.draw_training_figures(workdir, model, parallel.local_copy(state.params), ds,
+                                        config, parallel.local_copy(keys.eval))
+        if stop.signum:
+          break
+  finally:
+    manager.wait_until_finished()  # an error must not cut the last good checkpoint short
+    manager.close()
+  finished = progress["epoch"] >= config.num_epochs
+  stopped_by = signal.Signals(stop.signum).name if stop.signum and not finished else None
+  if stopped_by:
+    where = (f"step {progress['step_in_epoch']} of {steps_per_epoch} in epoch "
+             f"{progress['epoch'] + 1}" if progress["step_in_epoch"]
+             else f"the end of epoch {progress['epoch']}")
+    print(f"{stopped_by}: saved checkpoint step {int(state.step)}, {where}, in "
+          f"{workdir}/checkpoints; run the same command again to resume", flush=True)
   return TrainResult(state, history, {"train_chunk": train_chunk._cache_size(),
-                                      "evaluate": evaluator.cache_size()})
+                                      "evaluate": evaluator.cache_size()}, stopped_by)
 
 
 def _summary(row: dict) -> str:
-  keys = ("train/loss", "test/elbo_nats", "test/bits_per_dim", "test/ssim")
+  keys = ("train/loss", "test/elbo_nats", "test/bits_per_dim", "test/recon_mean_ssim")
   parts = [f"{k} {row[k]:.4g}" for k in keys if k in row]
   return (f"epoch {row['epoch']} step {row['step']}: " + ", ".join(parts)
           + f", {row['train/seconds']:.1f}s train ({row['train/images_per_s']:.0f} img/s), "

@@ -1,0 +1,311 @@
+"""Training throughput of a config on this machine, measured the way train.py runs it.
+
+  python benchmarks/throughput.py --config configs/cifar10.py [--config.key=value ...]
+      [--data_path /path/to/cifar10-jpeg.tar.gz] [--epochs 3] [--steps N] [--eval_repeats 3]
+
+One process; prints a table and then one JSON line. Random uint8 images of the config's shape
+by default, the real image folder (or .tar.gz) with --data_path. The figures:
+  compile_s          tracing, lowering and compiling the train chunk
+  first_step_s       process start to the end of the first train step (imports, data, init,
+                     compile included)
+  train_s_per_epoch  median over --epochs epochs, run as train.py runs them: the library's own
+                     epoch_batches, gather_batches, make_train_step and make_train_chunk; with
+                     --steps N only the first N steps of each epoch run and the figure is scaled
+  eval_s             median of the Evaluator over the test split (ELBO, SSIM)
+  matmul_rate        GFLOP/s of exactly the step's matrix products (same shapes and dtypes,
+                     counted from the model's jaxpr), run back to back in this process
+  large_matmul_rate  GFLOP/s of one 2048^3 product: the machine's large-matmul rate
+  optimizer_s        one optimizer update of the real parameters, alone
+  floor_ms_per_step  the step's matmul FLOPs at matmul_rate plus optimizer_s: what a step
+                     costs if nothing else did
+  peak_rss_gib       the process's peak resident memory
+"""
+
+import time
+
+_START = time.perf_counter()
+
+import functools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+
+import jax  # noqa: E402
+import jax.extend  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from jaxvae import config as config_lib  # noqa: E402
+from jaxvae import data, evaluate, models, objectives, parallel, train  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
+                                lock_config=True)
+flags.DEFINE_string("data_path", None, "An image folder or .tar.gz (split/class/*.png|jpg) to "
+                    "measure on; random images of --image_shape when not given.")
+flags.DEFINE_list("image_shape", ["32", "32", "3"], "H,W,C of the random images.")
+flags.DEFINE_integer("num_train", 50_000, "Random training images.")
+flags.DEFINE_integer("num_test", 10_000, "Random test images.")
+flags.DEFINE_integer("epochs", 3, "Timed epochs after the first (which compiles).")
+flags.DEFINE_integer("steps", 0, "Run only this many steps of each timed epoch (0: all) and "
+                     "scale the time to a full epoch.")
+flags.DEFINE_integer("eval_repeats", 3, "Timed evaluations after the first.")
+flags.mark_flags_as_required(["config"])
+
+
+def _process_seconds() -> float:
+  """Seconds since this process started (interpreter start-up included, on Linux)."""
+  try:
+    with open("/proc/self/stat") as f:
+      start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+      uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError, IndexError):
+    return time.perf_counter() - _START
+
+
+def _random_dataset(shape, num_train: int, num_test: int) -> data.Dataset:
+  rng = np.random.default_rng(0)
+  split = lambda n: data.Split(rng.integers(0, 256, (n,) + shape, np.uint8), np.zeros(n, np.int32))
+  return data.Dataset(split(num_train), split(num_test), ("0",), "random")
+
+
+def _dot_flops(eqn) -> tuple[int, tuple]:
+  """FLOPs of one dot_general or convolution, and what is needed to replay it."""
+  lhs, rhs = (v.aval for v in eqn.invars)
+  out = eqn.outvars[0].aval
+  if eqn.primitive.name == "dot_general":
+    (contract, _), _ = eqn.params["dimension_numbers"]
+    k = math.prod(lhs.shape[d] for d in contract)
+  else:  # conv_general_dilated: each output element sums over a kernel window of all inputs
+    spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, spatial...)
+    k = math.prod(rhs.shape[d] for d in spec[1:]) // eqn.params["feature_group_count"]
+  return 2 * math.prod(out.shape) * k, (eqn.primitive, eqn.params, lhs, rhs)
+
+
+def step_matmuls(loss_fn, params, key, x) -> list[tuple[int, tuple]]:
+  """Every matrix product (and convolution) of one forward + backward pass, from the jaxpr."""
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(loss_fn, has_aux=True))(params, key, x)
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        found.append(_dot_flops(eqn))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jaxpr.jaxpr)
+  return found
+
+
+def _time_loop(fn, args, min_seconds: float = 1.0) -> float:
+  """Seconds per call of fn(reps, *args) -> scalar, per repetition, after a warm-up."""
+  reps = 4
+  jax.block_until_ready(fn(reps, *args))
+  while True:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(reps, *args))
+    dt = time.perf_counter() - t0
+    if dt >= min_seconds:
+      return dt / reps
+    reps *= 2
+
+
+def matmul_rate(products: list[tuple[int, tuple]]) -> float:
+  """FLOP/s of the given products run back to back, repeated in one compiled loop."""
+  operands = [(jnp.full(lhs.shape, 0.5, lhs.dtype), jnp.full(rhs.shape, 0.5, rhs.dtype))
+              for _, (_, _, lhs, rhs) in products]
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(reps, operands):
+    def body(_, carry):
+      total, operands = carry
+      # The barrier keeps XLA from hoisting the loop-invariant products out of the loop.
+      total, operands = jax.lax.optimization_barrier((total, operands))
+      for (_, (prim, params, _, _)), (a, b) in zip(products, operands):
+        total = total + prim.bind(a, b, **params).reshape(-1)[0].astype(jnp.float32)
+      return total, operands
+    return jax.lax.fori_loop(0, reps, body, (jnp.float32(0), operands))[0]
+
+  return sum(f for f, _ in products) / _time_loop(run, (operands,))
+
+
+def large_matmul_rate(n: int = 2048) -> float:
+  a = jnp.full((n, n), 0.5, jnp.float32)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(reps, a):
+    def body(_, carry):
+      total, a = jax.lax.optimization_barrier(carry)
+      return total + (a @ a)[0, 0], a
+    return jax.lax.fori_loop(0, reps, body, (jnp.float32(0), a))[0]
+
+  return 2 * n ** 3 / _time_loop(run, (a,))
+
+
+def optimizer_seconds(tx, params, opt_state) -> float:
+  """One tx.update + apply_updates over the real parameters, alone."""
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(reps, params, opt_state, grads):
+    def body(_, carry):
+      params, opt_state, grads = jax.lax.optimization_barrier(carry)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, grads
+    params, _, _ = jax.lax.fori_loop(0, reps, body, (params, opt_state, grads))
+    return jax.tree.leaves(params)[0].reshape(-1)[0]
+
+  return _time_loop(run, (params, opt_state, grads))
+
+
+def run_epoch(train_chunk, state, images, idx, valid, train_key, mesh):
+  """One epoch as train.py runs it: every chunk dispatched, then the sums read."""
+  pending = []
+  for i in range(idx.shape[0]):
+    state, sums = train_chunk(state, parallel.gather_batches(images, idx[i], mesh), valid[i],
+                              train_key)
+    pending.append(sums)
+  steps = sum(int(jax.device_get(s["steps"])) for s in pending)
+  return state, steps
+
+
+def main(argv):
+  del argv
+  config = flags.FLAGS.config
+  if flags.FLAGS.data_path:
+    config.data.source, config.data.path = "folder", flags.FLAGS.data_path
+  config_lib.validate(config)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_divides(config.batch_size, mesh)
+  if flags.FLAGS.data_path or config.data.source == "digits":
+    ds = data.load(config.data)
+  else:
+    shape = tuple(int(s) for s in flags.FLAGS.image_shape)
+    ds = _random_dataset(shape, flags.FLAGS.num_train, flags.FLAGS.num_test)
+  num_train = len(ds.train.images)
+  steps_per_epoch = num_train // config.batch_size
+  chunk_steps = math.ceil(steps_per_epoch / min(config.log.chunks_per_epoch, steps_per_epoch))
+
+  model = models.make_model(config.model, ds.image_shape)
+  tx = train.make_optimizer(config.optimizer)
+  keys = train.Keys.from_seed(config.seed)
+  state = jax.device_put(train.init_state(model, tx, keys.init, ds.image_shape),
+                         parallel.replicated(mesh))
+  train_step = train.make_train_step(model, tx, config)
+  train_chunk = train.make_train_chunk(train_step, mesh)
+
+  # Compile, then the very first step, as train.py's first call does.
+  idx, valid = jax.device_get(train.epoch_batches(keys.shuffle, 0, num_train, config.batch_size,
+                                                  0, chunk_steps))
+  batches = parallel.gather_batches(ds.train.images, idx[0], mesh)
+  first_only = np.arange(chunk_steps) < 1
+  t0 = time.perf_counter()
+  compiled = train_chunk.lower(state, batches, first_only, keys.train).compile()
+  compile_s = time.perf_counter() - t0
+  state, sums = compiled(state, batches, first_only, keys.train)
+  jax.block_until_ready(sums)
+  first_step_s = _process_seconds()
+
+  # Steady state: whole epochs, or their first --steps steps.
+  epoch_s, per_step = [], []
+  for epoch in range(1, flags.FLAGS.epochs + 1):
+    idx, valid = jax.device_get(train.epoch_batches(keys.shuffle, epoch, num_train,
+                                                    config.batch_size, 0, chunk_steps))
+    if flags.FLAGS.steps:
+      n = min(flags.FLAGS.steps, steps_per_epoch)
+      keep = math.ceil(n / chunk_steps)
+      idx, valid = idx[:keep], valid[:keep] & (np.arange(keep * chunk_steps) < n).reshape(keep, -1)
+    t0 = time.perf_counter()
+    state, steps = run_epoch(compiled, state, ds.train.images, idx, valid, keys.train, mesh)
+    dt = time.perf_counter() - t0
+    per_step.append(dt / steps)
+    epoch_s.append(dt / steps * steps_per_epoch)
+  step_s = float(np.median(per_step))
+  train_s = float(np.median(epoch_s))
+
+  evaluator = evaluate.Evaluator(model, config, ds.test, mesh)
+  t0 = time.perf_counter()
+  evaluator(state.params, keys.eval)
+  eval_first_s = time.perf_counter() - t0
+  eval_times = []
+  for _ in range(flags.FLAGS.eval_repeats):
+    t0 = time.perf_counter()
+    evaluator(state.params, keys.eval)
+    eval_times.append(time.perf_counter() - t0)
+  eval_s = float(np.median(eval_times))
+
+  loss_fn = functools.partial(objectives.loss, model=model, beta=config.objective.beta,
+                              num_samples=config.objective.num_samples)
+  x = jnp.zeros((config.batch_size,) + ds.image_shape, jnp.float32)
+  products = step_matmuls(loss_fn, jax.device_get(state.params), keys.train, x)
+  step_flops = sum(f for f, _ in products)
+  rate = matmul_rate(products)
+  large_rate = large_matmul_rate()
+  opt_s = optimizer_seconds(tx, state.params, state.opt_state)
+  floor_s = step_flops / rate + opt_s
+
+  result = {
+      "config": {"batch_size": config.batch_size, "hidden": list(config.model.hidden),
+                 "arch": config.model.arch, "latent_dim": config.model.latent_dim,
+                 "data": flags.FLAGS.data_path or "random", "devices": jax.device_count(),
+                 "processes": jax.process_count(), "platform": jax.devices()[0].platform,
+                 "steps_per_epoch": steps_per_epoch, "timed_steps_per_epoch":
+                 min(flags.FLAGS.steps or steps_per_epoch, steps_per_epoch)},
+      "compile_s": compile_s,
+      "first_step_s": first_step_s,
+      "train_s_per_epoch": train_s,
+      "train_ms_per_step": step_s * 1e3,
+      "images_per_s": config.batch_size / step_s,
+      "eval_s": eval_s,
+      "eval_first_s": eval_first_s,
+      "epoch_with_eval_s": train_s + eval_s,
+      "eval_fraction": eval_s / (train_s + eval_s),
+      "step_gflop": step_flops / 1e9,
+      "achieved_gflop_per_s": step_flops / step_s / 1e9,
+      "matmul_rate_gflop_per_s": rate / 1e9,
+      "large_matmul_rate_gflop_per_s": large_rate / 1e9,
+      "fraction_of_matmul_rate": step_flops / step_s / rate,
+      "fraction_of_large_matmul_rate": step_flops / step_s / large_rate,
+      "optimizer_ms": opt_s * 1e3,
+      "floor_ms_per_step": floor_s * 1e3,
+      "step_over_floor": step_s / floor_s,
+      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+  }
+  rows = [
+      ("batch size", f"{config.batch_size}"),
+      ("devices x processes", f"{jax.device_count()} x {jax.process_count()} "
+                              f"({result['config']['platform']})"),
+      ("data", result["config"]["data"]),
+      ("compile (train chunk)", f"{compile_s:.2f} s"),
+      ("start to first step", f"{first_step_s:.2f} s"),
+      ("train per epoch", f"{train_s:.2f} s ({config.batch_size / step_s:,.0f} images/s, "
+                          f"{step_s * 1e3:.3f} ms/step)"),
+      ("eval per epoch", f"{eval_s:.2f} s (first call {eval_first_s:.2f} s), "
+                         f"{100 * result['eval_fraction']:.1f}% of the epoch"),
+      ("epoch incl. eval", f"{train_s + eval_s:.2f} s"),
+      ("step matmul FLOPs", f"{step_flops / 1e6:.1f} MFLOP ({step_flops / config.batch_size / 1e6:.2f}"
+                            f" per image)"),
+      ("achieved", f"{step_flops / step_s / 1e9:.1f} GFLOP/s"),
+      ("matmul rate, step shapes", f"{rate / 1e9:.1f} GFLOP/s -> step at "
+                                   f"{100 * result['fraction_of_matmul_rate']:.1f}%"),
+      ("matmul rate, 2048^3", f"{large_rate / 1e9:.1f} GFLOP/s -> step at "
+                              f"{100 * result['fraction_of_large_matmul_rate']:.1f}%"),
+      ("optimizer update alone", f"{opt_s * 1e3:.3f} ms"),
+      ("floor (matmuls + optimizer)", f"{floor_s * 1e3:.3f} ms/step -> step is "
+                                      f"{step_s / floor_s:.2f}x the floor"),
+      ("peak RSS", f"{result['peak_rss_gib']:.2f} GiB"),
+  ]
+  width = max(len(k) for k, _ in rows)
+  for k, v in rows:
+    print(f"{k:<{width}}  {v}")
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,209 @@
+"""Data parallelism: the same program on 1 or 4 devices and on 2 processes gives the same run.
+
+JAX fixes its devices when it starts, so every multi-device run is a subprocess: forced CPU
+devices (JAX_NUM_CPU_DEVICES), or two local processes joined by jax.distributed over loopback
+with gloo collectives.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from jaxvae import train as train_lib
+
+TINY = ["--config", "configs/digits.py", "--config.model.hidden=(64,)",
+        "--config.model.latent_dim=4", "--config.log.progress=False"]
+TIMEOUT_S = 240
+
+
+def _env(devices: int) -> dict:
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)}
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run_all(commands: list[list[str]], envs: list[dict]) -> list[subprocess.CompletedProcess]:
+  """Runs the commands side by side (they may wait on each other); kills all at the deadline."""
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for cmd, env in zip(commands, envs)]
+  deadline = time.monotonic() + TIMEOUT_S
+  try:
+    outs = [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+  return [subprocess.CompletedProcess(p.args, p.returncode, out, err)
+          for p, (out, err) in zip(procs, outs)]
+
+
+def _train(workdir, devices: int, *overrides) -> subprocess.CompletedProcess:
+  cmd = [sys.executable, "train.py", *TINY, "--workdir", str(workdir), *overrides]
+  (p,) = _run_all([cmd], [_env(devices)])
+  assert p.returncode == 0, p.stderr[-3000:]
+  return p
+
+
+def _train_two_processes(workdir, *overrides) -> list[subprocess.CompletedProcess]:
+  address = f"127.0.0.1:{_free_port()}"
+  cmds = [[sys.executable, "train.py", *TINY, "--workdir", str(workdir), *overrides,
+           f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"]
+          for i in range(2)]
+  procs = _run_all(cmds, [_env(1), _env(1)])
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, f"process {i}:\n{p.stderr[-3000:]}"
+  return procs
+
+
+def _rows(workdir) -> list[dict]:
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_metrics(rows, ref_rows, rel):
+  """Every train/ and test/ figure of every epoch, timings aside."""
+  assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows]
+  for r, ref in zip(rows, ref_rows):
+    keys = [k for k in ref if k.startswith(("train/", "test/"))
+            and not k.endswith(("seconds", "images_per_s"))]
+    assert "train/loss" in keys and "test/elbo_nats" in keys
+    for k in keys:
+      assert r[k] == pytest.approx(ref[k], rel=rel, abs=1e-6), (r["epoch"], k)
+
+
+def _final_params(workdir) -> list[np.ndarray]:
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(train_lib.restore_run(str(workdir)).state.params)]
+
+
+def _python(script: str, devices: int) -> dict:
+  (p,) = _run_all([[sys.executable, "-c", textwrap.dedent(script)]], [_env(devices)])
+  assert p.returncode == 0, p.stderr[-3000:]
+  return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_batches_are_split_over_devices_and_the_state_is_replicated():
+  out = _python("""
+    import json
+    import jax, numpy as np
+    from jax.sharding import PartitionSpec as P
+    from configs import digits
+    from jaxvae import models, parallel, train
+
+    mesh = parallel.make_mesh()
+    images = np.arange(200, dtype=np.uint8).reshape(200, 1, 1, 1)  # pixel value = index
+    idx = np.random.default_rng(0).permutation(200)[:96].reshape(3, 32)
+    batches = parallel.gather_batches(images, idx, mesh)
+    shards_ok = all(s.data.shape == (3, 8, 1, 1, 1)
+                    and np.array_equal(np.asarray(s.data)[..., 0, 0, 0], idx[s.index[:2]])
+                    for s in batches.addressable_shards)
+
+    config = digits.get_config()
+    config.model.hidden, config.model.latent_dim = (32,), 4
+    model = models.make_model(config.model, (8, 8, 1))
+    tx = train.make_optimizer(config.optimizer)
+    keys = train.Keys.from_seed(0)
+    state = jax.device_put(train.init_state(model, tx, keys.init, (8, 8, 1)),
+                           parallel.replicated(mesh))
+    chunk = train.make_train_chunk(train.make_train_step(model, tx, config), mesh)
+    images = np.random.default_rng(1).integers(0, 256, (64, 8, 8, 1), np.uint8)
+    batches = parallel.gather_batches(images, np.arange(64).reshape(2, 32), mesh)
+    compiled = chunk.lower(state, batches, np.ones(2, bool), keys.train).compile()
+    state_in, batches_in = compiled.input_shardings[0][:2]
+    state, _ = compiled(state, batches, np.ones(2, bool), keys.train)
+    try:
+      parallel.check_batch_divides(30, mesh)
+      message = ""
+    except ValueError as e:
+      message = str(e)
+    print(json.dumps({
+        "devices": len(mesh.devices.flat), "shards_ok": shards_ok,
+        "batch_spec": str(batches_in.spec),
+        "state_in_replicated": all(s.is_fully_replicated for s in jax.tree.leaves(state_in)),
+        "state_out_replicated": all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state)),
+        "step": int(state.step), "message": message}))
+  """, devices=4)
+  assert out["devices"] == 4
+  assert out["shards_ok"]  # each device holds exactly its 8 rows of each of the 3 batches
+  assert out["batch_spec"] == "P(None, 'data')"
+  assert out["state_in_replicated"] and out["state_out_replicated"]
+  assert out["step"] == 2
+  assert "config.batch_size=30 does not divide over 4 devices" in out["message"]
+  assert "multiple of 4" in out["message"]
+
+
+def test_each_process_gathers_only_its_own_rows_of_every_batch():
+  script = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from jaxvae import parallel
+    parallel.initialize(sys.argv[1], 2, int(sys.argv[2]))
+    import jax
+    from jax.experimental import multihost_utils
+
+    class Recording:
+      def __init__(self, a):
+        self.a, self.shape, self.read = a, a.shape, set()
+      def __getitem__(self, i):
+        self.read.update(np.asarray(i).ravel().tolist())
+        return self.a[i]
+
+    images = np.arange(64, dtype=np.uint8).reshape(64, 1, 1, 1)  # pixel value = index
+    idx = np.random.default_rng(0).permutation(64)[:48].reshape(3, 16)
+    recording = Recording(images)
+    batches = parallel.gather_batches(recording, idx, parallel.make_mesh())
+    full = np.asarray(multihost_utils.process_allgather(batches, tiled=True))
+    print(json.dumps({"read": sorted(recording.read), "process": jax.process_index(),
+                      "full": full[..., 0, 0, 0].tolist()}))
+  """)
+  address = f"127.0.0.1:{_free_port()}"
+  procs = _run_all([[sys.executable, "-c", script, address, str(i)] for i in range(2)],
+                   [_env(1), _env(1)])
+  idx = np.random.default_rng(0).permutation(64)[:48].reshape(3, 16)
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["process"] == i
+    assert out["read"] == sorted(idx[:, 8 * i:8 * (i + 1)].ravel().tolist())
+    assert out["full"] == idx.tolist()  # together the processes hold every batch in order
+
+
+@pytest.mark.slow
+def test_four_devices_follow_the_one_device_trajectory(tmp_path):
+  one, four = tmp_path / "one", tmp_path / "four"
+  _train(one, 1, "--config.num_epochs=2")
+  _train(four, 4, "--config.num_epochs=2")
+  rows1, rows4 = _rows(one), _rows(four)
+  assert [r["step"] for r in rows4] == [r["step"] for r in rows1] == [46, 92]
+  # Per-device partial sums reorder the float additions of the batch mean, nothing else.
+  _assert_same_metrics(rows4, rows1, rel=1e-4)
+  for p1, p4 in zip(_final_params(one), _final_params(four)):
+    np.testing.assert_allclose(p4, p1, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_processes_match_two_devices_write_once_and_resume(tmp_path):
+  reference, multi = tmp_path / "two_devices", tmp_path / "two_processes"
+  _train(reference, 2, "--config.num_epochs=2")
+  first = _train_two_processes(multi, "--config.num_epochs=1")
+  second = _train_two_processes(multi, "--config.num_epochs=2")  # both processes resume
+
+  assert "resumed from step 46" in second[0].stdout
+  assert "epoch" not in first[1].stdout + second[1].stdout  # only process 0 reports
+  rows = _rows(multi)
+  assert [r["epoch"] for r in rows] == [1, 2]  # each epoch written once
+  _assert_same_metrics(rows, _rows(reference), rel=1e-6)
+  for p, ref in zip(_final_params(multi), _final_params(reference)):
+    np.testing.assert_allclose(p, ref, rtol=1e-6, atol=1e-7)

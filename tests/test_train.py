@@ -1,0 +1,141 @@
+"""Training end to end: compiled once, learning on real digits, train.py and its config flags."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import cifar10
+from conftest import CIFAR10_TGZ, REPO, needs, tiny_digits_config
+from jaxvae import config as config_lib
+from jaxvae import data, evaluate, models, parallel
+from jaxvae import train as train_lib
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("digits")
+  config = tiny_digits_config(num_epochs=4)
+  config.log.chunks_per_epoch = 3  # 46 steps -> 3 chunks of 16, the last one padded
+  return workdir, train_lib.train_and_evaluate(config, str(workdir))
+
+
+def test_each_step_function_compiles_once_per_run(digits_run):
+  _, result = digits_run
+  assert result.compiled == {"train_chunk": 1, "evaluate": 1}
+
+
+def test_loss_falls_on_real_digits_and_steps_are_counted(digits_run):
+  _, result = digits_run
+  rows = result.history
+  assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+  assert [r["step"] for r in rows] == [46, 92, 138, 184]  # 1500 // 32 steps, padding not counted
+  assert int(result.state.step) == 184
+  assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 2.0
+  assert rows[-1]["test/elbo_nats"] > rows[0]["test/elbo_nats"] + 2.0
+  for r in rows:
+    assert r["test/elbo_nats"] == pytest.approx(r["test/log_lik_nats"] - r["test/kl_nats"], rel=1e-5)
+    # Bernoulli on 64 binary pixels: bits/dim is -ELBO / (64 ln 2).
+    assert r["test/bits_per_dim"] == pytest.approx(-r["test/elbo_nats"] / (64 * math.log(2)))
+    assert 0 < r["test/recon_mean_ssim"] <= 1 and r["train/kl_nats"] > 0
+
+
+def test_epoch_batches_cover_each_image_once_and_depend_on_the_epoch():
+  key = jax.random.key(0)
+  idx, valid = train_lib.epoch_batches(key, 3, num_examples=103, batch_size=10, start=0,
+                                       chunk_steps=4)
+  assert idx.shape == (3, 4, 10) and valid.shape == (3, 4)
+  assert int(valid.sum()) == 10
+  used = np.asarray(idx)[np.asarray(valid)].ravel()
+  assert len(set(used.tolist())) == 100  # 10 full batches, no repeats; 3 images dropped
+  other, _ = train_lib.epoch_batches(key, 4, 103, 10, 0, 4)
+  assert not np.array_equal(np.asarray(other), np.asarray(idx))
+  tail, tail_valid = train_lib.epoch_batches(key, 3, 103, 10, start=7, chunk_steps=4)
+  np.testing.assert_array_equal(np.asarray(tail)[np.asarray(tail_valid)],
+                                np.asarray(idx)[np.asarray(valid)][7:])
+
+
+def _train_py(*args, timeout=300):
+  return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_train_py_end_to_end_writes_metrics_config_and_figures(tmp_path):
+  workdir = tmp_path / "run"
+  p = _train_py("--config", "configs/digits.py", "--workdir", str(workdir),
+                "--config.num_epochs=2", "--config.model.hidden=(32,)",
+                "--config.model.latent_dim=3", "--config.log.progress=False")
+  assert p.returncode == 0, p.stderr[-3000:]
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in rows] == [1, 2]
+  for key in ("step", "train/loss", "train/elbo_nats", "test/elbo_nats", "test/recon_mean_ssim",
+              "test/bits_per_dim", "train/seconds", "train/images_per_s"):
+    assert all(np.isfinite(r[key]) for r in rows), key
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["model"]["latent_dim"] == 3 and saved["model"]["hidden"] == [32]
+  for name in ("fig15_loss.png", "fig16_ssim.png", "fig17_reconstructions.png"):
+    png = workdir / "figures" / name
+    assert png.stat().st_size > 5000, name
+  assert "epoch 2 step 92" in p.stdout
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.model.nope=1", "nope"),
+    ("--config.model.likelihood=poisson", "config.model.likelihood='poisson' is not allowed"),
+    ("--config.batch_size=0", "config.batch_size=0 must be a positive int"),
+    ("--config.batch_size=abc", "batch_size"),
+])
+def test_bad_overrides_fail_at_start_naming_the_key(tmp_path, override, message):
+  p = _train_py("--config", "configs/digits.py", "--workdir", str(tmp_path / "w"), override,
+                timeout=120)
+  assert p.returncode != 0
+  assert message in p.stderr
+  assert not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
+def test_validate_names_bad_combinations():
+  c = tiny_digits_config()
+  c.data.source = "folder"
+  with pytest.raises(config_lib.ConfigError, match="needs config.data.path"):
+    config_lib.validate(c)
+  c = tiny_digits_config()
+  c.model.hidden = (64, -1)
+  with pytest.raises(config_lib.ConfigError, match="model.hidden"):
+    config_lib.validate(c)
+  c = tiny_digits_config()
+  c.objective.beta = -1.0
+  with pytest.raises(config_lib.ConfigError, match="objective.beta"):
+    config_lib.validate(c)
+
+
+@pytest.mark.slow
+@needs(CIFAR10_TGZ)
+def test_paper_config_lowers_test_elbo_on_real_cifar10_in_300_steps():
+  config = cifar10.get_config()
+  config.data.source, config.data.path = "folder", str(CIFAR10_TGZ)
+  ds = data.load(config.data)
+  mesh = parallel.make_mesh()
+  model = models.make_model(config.model, ds.image_shape)
+  tx = train_lib.make_optimizer(config.optimizer)
+  keys = train_lib.Keys.from_seed(0)
+  state = train_lib.init_state(model, tx, keys.init, ds.image_shape)
+  assert models.count_params(state.params) == 3_543_552
+  config.eval.batch_size = 1000
+  evaluator = evaluate.Evaluator(model, config, data.Split(ds.test.images[:2000], ds.test.labels[:2000]),
+                                 mesh)
+  before = evaluator(state.params, keys.eval)
+  chunk = train_lib.make_train_chunk(train_lib.make_train_step(model, tx, config), mesh)
+  idx, valid = jax.device_get(
+      train_lib.epoch_batches(keys.shuffle, 0, len(ds.train.images), 32, 0, 100))
+  for i in range(3):
+    batches = parallel.gather_batches(ds.train.images, idx[i], mesh)
+    state, sums = chunk(state, batches, valid[i], keys.train)
+  after = evaluator(state.params, keys.eval)
+  assert int(state.step) == 300
+  assert after["elbo_nats"] > before["elbo_nats"] + 100  # nats per image
+  assert after["recon_mean_ssim"] > before["recon_mean_ssim"]
