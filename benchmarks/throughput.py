@@ -13,7 +13,8 @@ by default, the real image folder (or .tar.gz) with --data_path. The figures:
                      --steps N only the first N steps of each epoch run and the figure is scaled
   eval_s             median of the Evaluator over the test split (ELBO, SSIM)
   matmul_rate        GFLOP/s of exactly the step's matrix products (same shapes and dtypes,
-                     counted from the model's jaxpr), run back to back in this process
+                     counted from the model's jaxpr): their FLOPs over the sum of their
+                     times, each product timed alone in a compiled loop in this process
   large_matmul_rate  GFLOP/s of one 2048^3 product: the machine's large-matmul rate
   optimizer_s        one optimizer update of the real parameters, alone
   floor_ms_per_step  the step's matmul FLOPs at matmul_rate plus optimizer_s: what a step
@@ -104,41 +105,44 @@ def step_matmuls(loss_fn, params, key, x) -> list[tuple[int, tuple]]:
 
 
 def _time_loop(fn, args, min_seconds: float = 1.0) -> float:
-  """Seconds per call of fn(reps, *args) -> scalar, per repetition, after a warm-up."""
-  reps = 4
+  """Seconds per repetition of fn(reps, *args): the best of three runs of about
+  `min_seconds`, after a warm-up (reps is static: two counts, two compilations)."""
+  jax.block_until_ready(fn(4, *args))
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(4, *args))
+  reps = max(4, math.ceil(4 * min_seconds / (time.perf_counter() - t0)))
   jax.block_until_ready(fn(reps, *args))
-  while True:
+  times = []
+  for _ in range(3):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(reps, *args))
-    dt = time.perf_counter() - t0
-    if dt >= min_seconds:
-      return dt / reps
-    reps *= 2
+    times.append(time.perf_counter() - t0)
+  return min(times) / reps
 
 
-def matmul_rate(products: list[tuple[int, tuple]]) -> float:
-  """FLOP/s of the given products run back to back, repeated in one compiled loop."""
-  operands = [(jnp.full(lhs.shape, 0.5, lhs.dtype), jnp.full(rhs.shape, 0.5, rhs.dtype))
-              for _, (_, _, lhs, rhs) in products]
+def matmul_rate(products: list[tuple[int, tuple]], options: dict) -> float:
+  """FLOP/s of the given products: their FLOPs over the sum of their times, each product
+  repeated alone in a compiled loop on operands of its own shape and dtype."""
+  seconds = 0.0
+  for _, (prim, params, lhs, rhs) in products:
+    operands = (jnp.full(lhs.shape, 0.5, lhs.dtype), jnp.full(rhs.shape, 0.5, rhs.dtype))
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def run(reps, operands):
-    def body(_, carry):
-      total, operands = carry
-      # The barrier keeps XLA from hoisting the loop-invariant products out of the loop.
-      total, operands = jax.lax.optimization_barrier((total, operands))
-      for (_, (prim, params, _, _)), (a, b) in zip(products, operands):
-        total = total + prim.bind(a, b, **params).reshape(-1)[0].astype(jnp.float32)
-      return total, operands
-    return jax.lax.fori_loop(0, reps, body, (jnp.float32(0), operands))[0]
+    @functools.partial(jax.jit, static_argnums=0, compiler_options=options)
+    def run(reps, operands, prim=prim, params=params):
+      def body(_, carry):
+        # The barrier keeps XLA from hoisting the loop-invariant product out of the loop.
+        total, (a, b) = jax.lax.optimization_barrier(carry)
+        return total + prim.bind(a, b, **params).reshape(-1)[0].astype(jnp.float32), (a, b)
+      return jax.lax.fori_loop(0, reps, body, (jnp.float32(0), operands))[0]
 
-  return sum(f for f, _ in products) / _time_loop(run, (operands,))
+    seconds += _time_loop(run, (operands,), min_seconds=0.25)
+  return sum(f for f, _ in products) / seconds
 
 
-def large_matmul_rate(n: int = 2048) -> float:
+def large_matmul_rate(options: dict, n: int = 2048) -> float:
   a = jnp.full((n, n), 0.5, jnp.float32)
 
-  @functools.partial(jax.jit, static_argnums=0)
+  @functools.partial(jax.jit, static_argnums=0, compiler_options=options)
   def run(reps, a):
     def body(_, carry):
       total, a = jax.lax.optimization_barrier(carry)
@@ -148,18 +152,18 @@ def large_matmul_rate(n: int = 2048) -> float:
   return 2 * n ** 3 / _time_loop(run, (a,))
 
 
-def optimizer_seconds(tx, params, opt_state) -> float:
+def optimizer_seconds(tx, params, opt_state, options: dict) -> float:
   """One tx.update + apply_updates over the real parameters, alone."""
   grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
 
-  @functools.partial(jax.jit, static_argnums=0)
+  @functools.partial(jax.jit, static_argnums=0, compiler_options=options)
   def run(reps, params, opt_state, grads):
     def body(_, carry):
-      params, opt_state, grads = jax.lax.optimization_barrier(carry)
+      params, opt_state, grads = carry
+      grads = jax.lax.optimization_barrier(grads)  # not hoisted: read afresh every update
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, grads
-    params, _, _ = jax.lax.fori_loop(0, reps, body, (params, opt_state, grads))
-    return jax.tree.leaves(params)[0].reshape(-1)[0]
+    return jax.lax.fori_loop(0, reps, body, (params, opt_state, grads))[:2]
 
   return _time_loop(run, (params, opt_state, grads))
 
@@ -245,9 +249,10 @@ def main(argv):
   x = jnp.zeros((config.batch_size,) + ds.image_shape, jnp.float32)
   products = step_matmuls(loss_fn, jax.device_get(state.params), keys.train, x)
   step_flops = sum(f for f, _ in products)
-  rate = matmul_rate(products)
-  large_rate = large_matmul_rate()
-  opt_s = optimizer_seconds(tx, state.params, state.opt_state)
+  options = train.compiler_options(mesh)  # as the train chunk is compiled
+  rate = matmul_rate(products, options)
+  large_rate = large_matmul_rate(options)
+  opt_s = optimizer_seconds(tx, state.params, state.opt_state, options)
   floor_s = step_flops / rate + opt_s
 
   result = {

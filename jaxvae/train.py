@@ -130,10 +130,11 @@ def make_train_chunk(train_step, mesh):
     sums["max_skips"] = jnp.max(jnp.where(valid, metrics["skips"], 0))
     return state, sums
 
-  return jax.jit(chunk, donate_argnums=0, compiler_options=_compiler_options(mesh))
+  return jax.jit(chunk, donate_argnums=0, compiler_options=compiler_options(mesh))
 
 
-def _compiler_options(mesh) -> dict:
+def compiler_options(mesh) -> dict:
+  """XLA options for the train chunk on this mesh's platform."""
   # XLA:CPU's default copy insertion copies the loop-carried parameters that the optimizer
   # updates in place (about 8 MB per step for the paper's model); region analysis proves the
   # copies unneeded. Other backends ignore the option.
