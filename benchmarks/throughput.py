@@ -4,22 +4,24 @@
       [--data_path /path/to/cifar10-jpeg.tar.gz] [--epochs 3] [--steps N] [--eval_repeats 3]
 
 One process; prints a table and then one JSON line. Random uint8 images of the config's shape
-by default, the real image folder (or .tar.gz) with --data_path. The figures:
-  compile_s          tracing, lowering and compiling the train chunk
-  first_step_s       process start to the end of the first train step (imports, data, init,
-                     compile included)
-  train_s_per_epoch  median over --epochs epochs, run as train.py runs them: the library's own
-                     epoch_batches, gather_batches, make_train_step and make_train_chunk; with
-                     --steps N only the first N steps of each epoch run and the figure is scaled
-  eval_s             median of the Evaluator over the test split (ELBO, SSIM)
-  matmul_rate        GFLOP/s of exactly the step's matrix products (same shapes and dtypes,
-                     counted from the model's jaxpr): their FLOPs over the sum of their
-                     times, each product timed alone in a compiled loop in this process
-  large_matmul_rate  GFLOP/s of one 2048^3 product: the machine's large-matmul rate
-  optimizer_s        one optimizer update of the real parameters, alone
-  floor_ms_per_step  the step's matmul FLOPs at matmul_rate plus optimizer_s: what a step
-                     costs if nothing else did
-  peak_rss_gib       the process's peak resident memory
+by default, the real image folder (or .tar.gz) with --data_path. The JSON keys:
+  compile_s                   tracing, lowering and compiling the train chunk
+  first_step_s                process start to the end of the first train step (imports, data,
+                              init, compile included)
+  train_s_per_epoch           median over --epochs epochs, run as train.py runs them: the
+                              library's epoch_batches, gather_batches, make_train_step and
+                              make_train_chunk; with --steps N only the first N steps of each
+                              epoch run and the time is scaled to a whole epoch
+  eval_s                      median of the Evaluator over the test split (ELBO, SSIM, ...)
+  matmul_rate_gflop_per_s     the rate of exactly the step's matrix products (shapes and dtypes
+                              from the model's jaxpr): their FLOPs over the sum of their times,
+                              each product timed alone in a compiled loop in this process
+  large_matmul_rate_gflop_per_s  one 2048^3 product: the machine's large-matmul rate
+  fraction_of_matmul_rate     the step's matmul FLOPs per second of step over that rate
+  optimizer_ms                one optimizer update of the real parameters, alone
+  floor_ms_per_step           the step's matmuls at their rate plus optimizer_ms: what a step
+                              would cost if nothing else did
+  peak_rss_gib                the process's peak resident memory
 """
 
 import time
@@ -50,7 +52,7 @@ flags.DEFINE_string("data_path", None, "An image folder or .tar.gz (split/class/
 flags.DEFINE_list("image_shape", ["32", "32", "3"], "H,W,C of the random images.")
 flags.DEFINE_integer("num_train", 50_000, "Random training images.")
 flags.DEFINE_integer("num_test", 10_000, "Random test images.")
-flags.DEFINE_integer("epochs", 3, "Timed epochs after the first (which compiles).")
+flags.DEFINE_integer("epochs", 3, "Timed epochs, after compiling and the first step.")
 flags.DEFINE_integer("steps", 0, "Run only this many steps of each timed epoch (0: all) and "
                      "scale the time to a full epoch.")
 flags.DEFINE_integer("eval_repeats", 3, "Timed evaluations after the first.")
@@ -198,9 +200,8 @@ def main(argv):
 
   model = models.make_model(config.model, ds.image_shape)
   tx = train.make_optimizer(config.optimizer)
-  keys = train.Keys.from_seed(config.seed)
-  state = jax.device_put(train.init_state(model, tx, keys.init, ds.image_shape),
-                         parallel.replicated(mesh))
+  keys = train.Keys(**parallel.replicate(train.Keys.from_seed(config.seed).as_dict(), mesh))
+  state = parallel.replicate(train.init_state(model, tx, keys.init, ds.image_shape), mesh)
   train_step = train.make_train_step(model, tx, config)
   train_chunk = train.make_train_chunk(train_step, mesh)
 
@@ -258,7 +259,7 @@ def main(argv):
   result = {
       "config": {"batch_size": config.batch_size, "hidden": list(config.model.hidden),
                  "arch": config.model.arch, "latent_dim": config.model.latent_dim,
-                 "data": flags.FLAGS.data_path or "random", "devices": jax.device_count(),
+                 "data": flags.FLAGS.data_path or ds.name, "devices": jax.device_count(),
                  "processes": jax.process_count(), "platform": jax.devices()[0].platform,
                  "steps_per_epoch": steps_per_epoch, "timed_steps_per_epoch":
                  min(flags.FLAGS.steps or steps_per_epoch, steps_per_epoch)},

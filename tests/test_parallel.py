@@ -80,7 +80,7 @@ def _assert_same_metrics(rows, ref_rows, rel):
             and not k.endswith(("seconds", "images_per_s"))]
     assert "train/loss" in keys and "test/elbo_nats" in keys
     for k in keys:
-      assert r[k] == pytest.approx(ref[k], rel=rel, abs=1e-6), (r["epoch"], k)
+      assert r[k] == pytest.approx(ref[k], rel=rel, abs=0), (r["epoch"], k)
 
 
 def _final_params(workdir) -> list[np.ndarray]:
@@ -187,10 +187,11 @@ def test_four_devices_follow_the_one_device_trajectory(tmp_path):
   _train(four, 4, "--config.num_epochs=2")
   rows1, rows4 = _rows(one), _rows(four)
   assert [r["step"] for r in rows4] == [r["step"] for r in rows1] == [46, 92]
-  # Per-device partial sums reorder the float additions of the batch mean, nothing else.
-  _assert_same_metrics(rows4, rows1, rel=1e-4)
+  # Per-device partial sums reorder the float additions of the batch mean, nothing else
+  # (seen: 4e-8 relative in the metrics, 6e-8 in the parameters after 92 steps).
+  _assert_same_metrics(rows4, rows1, rel=1e-5)
   for p1, p4 in zip(_final_params(one), _final_params(four)):
-    np.testing.assert_allclose(p4, p1, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(p4, p1, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -204,6 +205,20 @@ def test_two_processes_match_two_devices_write_once_and_resume(tmp_path):
   assert "epoch" not in first[1].stdout + second[1].stdout  # only process 0 reports
   rows = _rows(multi)
   assert [r["epoch"] for r in rows] == [1, 2]  # each epoch written once
-  _assert_same_metrics(rows, _rows(reference), rel=1e-6)
+  # The same program on the same two devices, the gradient sum over gloo instead of in
+  # process, and a resume in between: bitwise the same run.
+  _assert_same_metrics(rows, _rows(reference), rel=0)
   for p, ref in zip(_final_params(multi), _final_params(reference)):
-    np.testing.assert_allclose(p, ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(p, ref)
+
+
+def test_initialize_needs_all_three_settings_or_none(monkeypatch):
+  from jaxvae import parallel
+  for name in (parallel.ENV_COORDINATOR, parallel.ENV_NUM_PROCESSES, parallel.ENV_PROCESS_ID):
+    monkeypatch.delenv(name, raising=False)
+  assert parallel.initialize() is False  # a single-process run: nothing to join
+  with pytest.raises(ValueError, match="num_processes, process_id not set"):
+    parallel.initialize(coordinator_address="127.0.0.1:1234")
+  monkeypatch.setenv(parallel.ENV_NUM_PROCESSES, "two")
+  with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two' must be an integer"):
+    parallel.initialize(coordinator_address="127.0.0.1:1234", process_id=0)
