@@ -126,11 +126,12 @@ RESUMABLE_KEYS = ("num_epochs", "figures_every", "log", "eval", "checkpoint", "d
 _ABSENT = "<absent>"
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+  """{"a": {"b": 1}} -> {"a.b": 1}."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
@@ -143,8 +144,8 @@ def resume_changes(saved: dict, current: dict) -> tuple[dict, dict]:
   side lacks; `allowed` holds the keys under RESUMABLE_KEYS. A key newer than the saved run
   is no change when it holds its default (code that adds a key defaults to the old behavior).
   """
-  old, new = _flatten(saved), _flatten(current)
-  defaults = _flatten(json.loads(base_config().to_json_best_effort()))
+  old, new = flatten(saved), flatten(current)
+  defaults = flatten(json.loads(base_config().to_json_best_effort()))
   frozen, allowed = {}, {}
   for key in sorted(old.keys() | new.keys()):
     before, after = old.get(key, _ABSENT), new.get(key, _ABSENT)

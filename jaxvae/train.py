@@ -24,7 +24,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from jaxvae import checkpoint, data, evaluate, figures, models, objectives, parallel
@@ -322,16 +321,6 @@ class Run:
   progress: dict  # epoch, step_in_epoch of the restored checkpoint
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def restore_run(workdir: str, step: int | None = None) -> Run:
   """Rebuilds the model and data of WORKDIR from its config.json and restores a checkpoint
   (the latest unless `step` is given)."""
@@ -342,8 +331,9 @@ def restore_run(workdir: str, step: int | None = None) -> Run:
     saved = json.load(f)
   # Laid over today's defaults, so a run saved before a key existed still restores.
   config = config_lib.base_config()
+  known = config_lib.flatten(config.to_dict())
   config.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
-                                     for k, v in _flatten(saved).items() if k in _flatten(config.to_dict())})
+                                     for k, v in config_lib.flatten(saved).items() if k in known})
   ds = data.load(config.data)
   model = models.make_model(config.model, ds.image_shape)
   keys = Keys.from_seed(config.seed)
