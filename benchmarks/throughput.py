@@ -175,7 +175,7 @@ def run_epoch(train_chunk, state, images, idx, valid, train_key, mesh):
   pending = []
   for i in range(idx.shape[0]):
     state, sums = train_chunk(state, parallel.gather_batches(images, idx[i], mesh), valid[i],
-                              train_key)
+                              train_key, parallel.signal_array(0, mesh))
     pending.append(sums)
   steps = sum(int(jax.device_get(s["steps"])) for s in pending)
   return state, steps
@@ -211,9 +211,10 @@ def main(argv):
   batches = parallel.gather_batches(ds.train.images, idx[0], mesh)
   first_only = np.arange(chunk_steps) < 1
   t0 = time.perf_counter()
-  compiled = train_chunk.lower(state, batches, first_only, keys.train).compile()
+  no_signal = parallel.signal_array(0, mesh)
+  compiled = train_chunk.lower(state, batches, first_only, keys.train, no_signal).compile()
   compile_s = time.perf_counter() - t0
-  state, sums = compiled(state, batches, first_only, keys.train)
+  state, sums = compiled(state, batches, first_only, keys.train, no_signal)
   jax.block_until_ready(sums)
   first_step_s = _process_seconds()
 

@@ -19,6 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from jaxvae import parallel
+
 BEST_METRIC = "test/elbo_nats"
 _UNFINISHED = ".orbax-checkpoint-tmp"  # orbax writes here first and renames when complete
 
@@ -128,7 +130,10 @@ def restore(manager: ocp.CheckpointManager, step: int, template, sharding=None):
 
 
 def _move_aside(manager: ocp.CheckpointManager, name: str, why: str) -> None:
-  """Moves checkpoints/NAME to bad_checkpoints/NAME(-time) and says so."""
+  """Moves checkpoints/NAME to bad_checkpoints/NAME(-time) and says so; process 0 alone does,
+  as the directory is shared (callers then wait at a barrier)."""
+  if not parallel.is_primary():
+    return
   src = os.path.join(str(manager.directory), name)
   bad_dir = os.path.join(os.path.dirname(str(manager.directory)), "bad_checkpoints")
   os.makedirs(bad_dir, exist_ok=True)
@@ -150,6 +155,7 @@ def restore_latest(manager: ocp.CheckpointManager, template, sharding=None):
     if _UNFINISHED in name:
       _move_aside(manager, name, "is a save that never finished (the run stopped while "
                   "writing it)")
+  parallel.barrier("unfinished checkpoints set aside")
   manager.reload()
   unreadable = []
   for step in reversed(manager.all_steps()):
@@ -162,6 +168,7 @@ def restore_latest(manager: ocp.CheckpointManager, template, sharding=None):
       continue
     for bad, error in unreadable:
       _move_aside(manager, str(bad), f"cannot be read ({error}); resuming from step {step}")
+    parallel.barrier("unreadable checkpoints set aside")
     manager.reload()
     return step, tree, progress
   if unreadable:

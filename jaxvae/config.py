@@ -12,6 +12,9 @@ import ml_collections
 from jaxvae import data, distributions, models
 
 
+SKIP_NONFINITE = ("grads", "loss", "off")
+
+
 class ConfigError(ValueError):
   """A config value that cannot run; the message names the key and the allowed values."""
 
@@ -40,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.obs_sigma = 0.5 ** 0.5   # gaussian, fixed: sigma of p(x|z)
   c.model.decoder_mean = "sigmoid"  # gaussian: sigmoid (paper) | identity
   c.model.log_scale_bound = 7.0    # every log-scale is soft-clamped to (-bound, bound)
+  c.model.compute_dtype = "float32"  # float32 | bfloat16: the layers' matmuls and activations;
+                                     # parameters, optimizer state and the loss stay float32
 
   c.objective = ml_collections.ConfigDict()
   c.objective.beta = 1.0           # KL weight in the loss; reported ELBOs always use 1
@@ -49,6 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.learning_rate = 1e-3
   c.optimizer.grad_clip_norm = 0.0  # global-norm clipping; 0 turns it off
   c.optimizer.max_consecutive_skips = 20  # non-finite steps are skipped; this many in a row stop
+  c.optimizer.skip_nonfinite = "grads"  # which steps are skipped: grads (a non-finite loss or
+                                        # any non-finite gradient) | loss (a non-finite loss
+                                        # only; faster) | off (none: a non-finite loss stops
+                                        # the run; fastest)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 1000         # test-split batch; the split is padded, never truncated
@@ -97,6 +106,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c.model.likelihood, distributions.LIKELIHOODS, "model.likelihood")
   _choice(c.model.obs_scale, models.OBS_SCALES, "model.obs_scale")
   _choice(c.model.decoder_mean, models.DECODER_MEANS, "model.decoder_mean")
+  _choice(c.model.compute_dtype, models.COMPUTE_DTYPES, "model.compute_dtype")
+  _choice(c.optimizer.skip_nonfinite, SKIP_NONFINITE, "optimizer.skip_nonfinite")
   for key in ("model.hidden", "model.conv_channels"):
     widths = c.model[key.split(".")[1]]
     if not all(isinstance(w, int) and w > 0 for w in widths):

@@ -14,6 +14,7 @@ import io
 import os
 import socket
 import tarfile
+import tempfile
 from pathlib import Path
 
 import jax
@@ -201,11 +202,18 @@ def _load_folder(path: str, cache_dir: str) -> Dataset:
   files = _list_archive(root) if root.is_file() else _list_dir(root)
   ds = _decode_folder(files, root)
   cache.mkdir(parents=True, exist_ok=True)
-  tmp = cache_file.with_suffix(".tmp.npz")
-  np.savez(tmp, train_images=ds.train.images, train_labels=ds.train.labels,
-           test_images=ds.test.images, test_labels=ds.test.labels,
-           class_names=np.array(ds.class_names))
-  os.replace(tmp, cache_file)  # atomic: a killed run never leaves a half-written cache
+  # A name of its own, so processes that decode at once never write into one file; the
+  # rename is atomic, so a killed run never leaves a half-written cache.
+  fd, tmp = tempfile.mkstemp(dir=cache, prefix=cache_file.stem + ".", suffix=".tmp.npz")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, train_images=ds.train.images, train_labels=ds.train.labels,
+               test_images=ds.test.images, test_labels=ds.test.labels,
+               class_names=np.array(ds.class_names))
+    os.replace(tmp, cache_file)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
   return ds
 
 

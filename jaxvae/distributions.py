@@ -79,8 +79,11 @@ def gaussian_log_prob(x: jax.Array, mean: jax.Array, log_scale: jax.Array) -> ja
   With sigma^2 = 1/2 this is -(SSE) - (D/2) log(pi): the paper's SSE loss plus a constant.
   """
   u = (x - mean) * jnp.exp(-log_scale)
-  return sum_except_batch(jnp.broadcast_to(-0.5 * jnp.square(u) - log_scale - _HALF_LOG_2PI,
-                                           x.shape))
+  # The constant terms are summed apart from the squares: one pass over the pixels less.
+  num_dims = math.prod(x.shape[1:])
+  log_norm = sum_except_batch(jnp.broadcast_to(log_scale, x.shape)) if jnp.ndim(log_scale) else (
+      num_dims * log_scale)
+  return -0.5 * sum_except_batch(jnp.square(u)) - log_norm - num_dims * _HALF_LOG_2PI
 
 
 def bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:

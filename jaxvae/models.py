@@ -3,6 +3,7 @@
 Shapes: x f32[B, H, W, C] in [0, 1]; z f32[B, K]. Models know nothing of training.
 """
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -18,6 +19,56 @@ ACTIVATIONS: dict[str, Callable] = {
 ARCHITECTURES = ("mlp", "conv")
 OBS_SCALES = ("fixed", "learned_global", "learned_pixel")
 DECODER_MEANS = ("sigmoid", "identity")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _bf16_product(x, kernel, dimension_numbers):
+  """x f32[..., I] @ kernel f32[I, O] -> f32[..., O] from bfloat16 inputs, float32 sums."""
+  return jax.lax.dot_general(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16),
+                             dimension_numbers, preferred_element_type=jnp.float32)
+
+
+def _bf16_product_fwd(x, kernel, dimension_numbers):
+  x16, k16 = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+  out = jax.lax.dot_general(x16, k16, dimension_numbers, preferred_element_type=jnp.float32)
+  return out, (x16, k16)
+
+
+def _bf16_product_bwd(dimension_numbers, residuals, g):
+  # Both backward products in bfloat16 too (autodiff alone would multiply the float32
+  # cotangent by an upcast operand, in float32); the gradients come out float32.
+  x16, k16 = residuals
+  g16 = g.astype(jnp.bfloat16)
+  dx = jax.lax.dot_general(g16, k16, (((g.ndim - 1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+  dk = jax.lax.dot_general(x16.reshape(-1, x16.shape[-1]), g16.reshape(-1, g16.shape[-1]),
+                           (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return dx, dk
+
+
+_bf16_product.defvjp(_bf16_product_fwd, _bf16_product_bwd)
+
+
+def _bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """nn.Dense's product (lhs [..., I] by rhs [I, O]) in bfloat16; see `_bf16_product`."""
+  del precision, preferred_element_type  # bfloat16 inputs, float32 sums, whatever is asked
+  if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2:
+    raise ValueError(f"bfloat16 products support nn.Dense's contraction only, not "
+                     f"{dimension_numbers} of {lhs.shape} by {rhs.shape}")
+  return _bf16_product(lhs, rhs, dimension_numbers)
+
+
+def _layer(cls, dtype):
+  """nn.Dense or nn.Conv computing in `dtype`: float32, or bfloat16 products that sum in
+  float32 (parameters and the activations between layers stay float32). Dense products are
+  bfloat16 forward and backward; convolutions forward only."""
+  if dtype == jnp.float32:
+    return cls
+  if cls is nn.Dense:
+    return functools.partial(nn.Dense, dot_general=_bf16_dot_general)
+  return functools.partial(cls, dtype=dtype, conv_general_dilated=functools.partial(
+      jax.lax.conv_general_dilated, preferred_element_type=jnp.float32))
 
 
 class MLPEncoder(nn.Module):
@@ -25,13 +76,15 @@ class MLPEncoder(nn.Module):
   hidden: Sequence[int]
   latent_dim: int
   activation: Callable = nn.gelu
+  dtype: jnp.dtype = jnp.float32  # of the matmuls and activations; parameters stay float32
 
   @nn.compact
   def __call__(self, x):
+    dense = _layer(nn.Dense, self.dtype)
     h = x.reshape(x.shape[0], -1)
     for width in self.hidden:
-      h = self.activation(nn.Dense(width)(h))
-    return nn.Dense(self.latent_dim, name="mean")(h), nn.Dense(self.latent_dim, name="log_scale")(h)
+      h = self.activation(dense(width)(h))
+    return dense(self.latent_dim, name="mean")(h), dense(self.latent_dim, name="log_scale")(h)
 
 
 class MLPDecoder(nn.Module):
@@ -40,14 +93,16 @@ class MLPDecoder(nn.Module):
   image_shape: Sequence[int]
   out_per_pixel: int = 1
   activation: Callable = nn.gelu
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, z):
+    dense = _layer(nn.Dense, self.dtype)
     h = z
     for width in reversed(self.hidden):
-      h = self.activation(nn.Dense(width)(h))
+      h = self.activation(dense(width)(h))
     height, width, c = self.image_shape
-    out = nn.Dense(height * width * c * self.out_per_pixel)(h)
+    out = dense(height * width * c * self.out_per_pixel)(h)
     return out.reshape(z.shape[0], height, width, c * self.out_per_pixel)
 
 
@@ -65,16 +120,18 @@ class ConvEncoder(nn.Module):
   hidden: Sequence[int]
   latent_dim: int
   activation: Callable = nn.gelu
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
+    dense = _layer(nn.Dense, self.dtype)
     h = x
     for ch in self.channels:
-      h = self.activation(nn.Conv(ch, (4, 4), strides=(2, 2), padding="SAME")(h))
+      h = self.activation(_layer(nn.Conv, self.dtype)(ch, (4, 4), strides=(2, 2), padding="SAME")(h))
     h = h.reshape(h.shape[0], -1)
     for width in self.hidden:
-      h = self.activation(nn.Dense(width)(h))
-    return nn.Dense(self.latent_dim, name="mean")(h), nn.Dense(self.latent_dim, name="log_scale")(h)
+      h = self.activation(dense(width)(h))
+    return dense(self.latent_dim, name="mean")(h), dense(self.latent_dim, name="log_scale")(h)
 
 
 class ConvDecoder(nn.Module):
@@ -88,21 +145,23 @@ class ConvDecoder(nn.Module):
   image_shape: Sequence[int]
   out_per_pixel: int = 1
   activation: Callable = nn.gelu
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, z):
+    dense = _layer(nn.Dense, self.dtype)
     height, width, c = self.image_shape
     hs = _downsampled_sizes(height, len(self.channels))
     ws = _downsampled_sizes(width, len(self.channels))
     h = z
     for w in reversed(self.hidden):
-      h = self.activation(nn.Dense(w)(h))
+      h = self.activation(dense(w)(h))
     top = self.channels[-1]
-    h = self.activation(nn.Dense(hs[-1] * ws[-1] * top)(h)).reshape(z.shape[0], hs[-1], ws[-1], top)
+    h = self.activation(dense(hs[-1] * ws[-1] * top)(h)).reshape(z.shape[0], hs[-1], ws[-1], top)
     for i, ch in reversed(list(enumerate(self.channels))):
       h = jax.image.resize(h, (h.shape[0], hs[i], ws[i], h.shape[-1]), "nearest")
       out = c * self.out_per_pixel if i == 0 else self.channels[i - 1]
-      h = nn.Conv(out, (3, 3), padding="SAME")(h)
+      h = _layer(nn.Conv, self.dtype)(out, (3, 3), padding="SAME")(h)
       if i > 0:
         h = self.activation(h)
     return h
@@ -136,11 +195,13 @@ class VAE(nn.Module):
   def encode(self, x):
     """x f32[B, H, W, C] -> (mean, log_scale) f32[B, K]."""
     mean, raw = self.encoder(x)
+    # Whatever the layers compute in, the posterior, the likelihood and the loss are float32.
+    mean, raw = mean.astype(jnp.float32), raw.astype(jnp.float32)
     return mean, distributions.soft_clamp(raw, self.log_scale_bound)
 
   def decode(self, z):
     """z f32[B, K] -> dict of likelihood parameters, each f32[B, H, W, C] or broadcastable."""
-    out = self.decoder(z)
+    out = self.decoder(z).astype(jnp.float32)
     clamp = lambda v: distributions.soft_clamp(v, self.log_scale_bound)
     if self.likelihood == "bernoulli":
       return {"logits": out}
@@ -163,15 +224,16 @@ class VAE(nn.Module):
 def make_model(model_cfg, image_shape: Sequence[int]) -> VAE:
   """Builds the VAE a `config.model` describes for images of `image_shape` (H, W, C)."""
   act = ACTIVATIONS[model_cfg.activation]
+  dtype = jnp.dtype(model_cfg.compute_dtype)
   hidden = tuple(model_cfg.hidden)
   out_per_pixel = 2 if model_cfg.likelihood == "discretized_logistic" else 1
   if model_cfg.arch == "mlp":
-    encoder = MLPEncoder(hidden, model_cfg.latent_dim, act)
-    decoder = MLPDecoder(hidden, tuple(image_shape), out_per_pixel, act)
+    encoder = MLPEncoder(hidden, model_cfg.latent_dim, act, dtype)
+    decoder = MLPDecoder(hidden, tuple(image_shape), out_per_pixel, act, dtype)
   else:
     channels = tuple(model_cfg.conv_channels)
-    encoder = ConvEncoder(channels, hidden, model_cfg.latent_dim, act)
-    decoder = ConvDecoder(channels, hidden, tuple(image_shape), out_per_pixel, act)
+    encoder = ConvEncoder(channels, hidden, model_cfg.latent_dim, act, dtype)
+    decoder = ConvDecoder(channels, hidden, tuple(image_shape), out_per_pixel, act, dtype)
   return VAE(encoder, decoder, tuple(image_shape), model_cfg.likelihood, model_cfg.obs_scale,
              model_cfg.obs_sigma, model_cfg.log_scale_bound, model_cfg.decoder_mean)
 

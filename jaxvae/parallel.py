@@ -128,6 +128,17 @@ def check_batch_divides(batch_size: int, mesh: jax.sharding.Mesh, key: str = "ba
                      f"multiple of {n} (the global batch is split evenly)")
 
 
+def signal_array(signum: int, mesh: jax.sharding.Mesh) -> jax.Array:
+  """int32[D], one entry per device of the mesh: this process's `signum` on its own devices.
+
+  A compiled step reduces it (max) so that a signal seen by any process reaches all of them
+  in the same chunk's results.
+  """
+  return jax.make_array_from_callback(
+      (mesh.size,), batch_sharded(mesh),
+      lambda index: np.full(len(range(mesh.size)[index[0]]), signum, np.int32))
+
+
 def gather_batches(images: np.ndarray, batch_idx: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
   """images[batch_idx] as a global array, each process reading only its own devices' rows.
 

@@ -73,22 +73,29 @@ def init_state(model: models.VAE, tx: optax.GradientTransformation, rng: jax.Arr
 def make_train_step(model: models.VAE, tx, config):
   """(state, x uint8[B, H, W, C], key) -> (state, metrics of floats[]).
 
-  A step whose loss or gradients are not finite leaves params and optimizer state as they
-  were; it still advances `step` (so the next step draws a fresh key) and counts in `skips`,
-  which a finite step resets. metrics["skipped"] says which happened.
+  With `config.optimizer.skip_nonfinite` "grads", a step whose loss or any gradient is not
+  finite leaves params and optimizer state as they were; with "loss" only the loss is checked
+  (no pass over the gradients). A skipped step still advances `step` (so the next step draws a
+  fresh key) and counts in `skips`, which an applied step resets; metrics["skipped"] says which
+  happened. With "off" every step is applied and the caller stops on a non-finite loss.
   """
   loss_fn = functools.partial(objectives.loss, model=model, beta=config.objective.beta,
                               num_samples=config.objective.num_samples)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  check = config.optimizer.skip_nonfinite
 
   def train_step(state: TrainState, x_uint8: jax.Array, key: jax.Array):
     bin_key, z_key = jax.random.split(key)
     x = data.to_unit_interval(x_uint8, bin_key, config.data.binarize)
     (loss, metrics), grads = grad_fn(state.params, z_key, x)
-    finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if check == "off":
+      return (TrainState(state.step + 1, params, opt_state, state.skips),
+              dict(metrics, skipped=jnp.zeros((), bool), skips=state.skips))
+    finite = jnp.isfinite(loss)
+    if check == "grads":
+      finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     skips = jnp.where(finite, 0, state.skips + 1)
     metrics = dict(metrics, skipped=~finite, skips=skips)
@@ -102,15 +109,17 @@ def make_train_chunk(train_step, mesh):
   """Compiles up to S steps as one call.
 
   chunk(state, batches uint8[S, B, H, W, C] (batch axis sharded, see `parallel.gather_batches`),
-        valid bool[S], train_key)
-    -> (state, sums): sums of each metric over the applied steps, the counts `steps` (valid)
-    and `skipped_steps` (non-finite), and `max_skips`, the longest run of skips so far.
+        valid bool[S], train_key, stop int32[D] (see `parallel.signal_array`))
+    -> (state, sums): sums of each metric over the applied steps, the counts `steps` (valid),
+    `skipped_steps` and `nonfinite_loss_steps`, `max_skips`, the longest run of skips so far,
+    `stop`, the largest signal number any process had seen when it sent the chunk (0: none),
+    and `params_finite`, whether every parameter is finite after it.
   `valid` is a prefix: the epoch's last chunk is padded. Only the valid steps run, in a loop
   of dynamic length, so every chunk has one shape and the function compiles once per run.
   """
   batch_sharding = parallel.batch_sharded(mesh)
 
-  def chunk(state, batches, valid, train_key):
+  def chunk(state, batches, valid, train_key, stop):
     def body(i, carry):
       state, metrics = carry
       x = jax.lax.with_sharding_constraint(batches[i], batch_sharding)
@@ -125,7 +134,14 @@ def make_train_chunk(train_step, mesh):
     sums = {k: jnp.sum(jnp.where(applied, metrics[k], 0.0)) for k in TRAIN_SUM_KEYS}
     sums["steps"] = valid.sum()
     sums["skipped_steps"] = (valid & metrics["skipped"]).sum()
+    sums["nonfinite_loss_steps"] = (valid & ~jnp.isfinite(metrics["loss"])).sum()
     sums["max_skips"] = jnp.max(jnp.where(valid, metrics["skips"], 0))
+    # Every process reads the same value from the same chunk, so all stop at the same step.
+    sums["stop"] = jnp.max(stop)
+    # One pass per chunk: what the "loss" and "off" skip modes let through never reaches a
+    # checkpoint.
+    sums["params_finite"] = jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(state.params)]))
     return state, sums
 
   return jax.jit(chunk, donate_argnums=0, compiler_options=compiler_options(mesh))
@@ -294,12 +310,52 @@ class _StopRequest:
     self.signum = signum
 
 
-def _add_chunk(sums: dict, chunk_sums) -> int:
-  """Adds one chunk's device sums into the epoch's host `sums`; returns its `max_skips`."""
+def _add_chunk(sums: dict, chunk_sums) -> dict:
+  """Adds one chunk's device sums into the epoch's host `sums`; returns the chunk's own
+  `max_skips`, `nonfinite_loss_steps`, `stop` and `params_finite`."""
   chunk_sums = jax.device_get(chunk_sums)
   for k in TRAIN_SUM_KEYS + ("steps", "skipped_steps"):
     sums[k] = sums.get(k, 0.0) + float(chunk_sums[k])
-  return int(chunk_sums["max_skips"])
+  return {k: int(chunk_sums[k])
+          for k in ("max_skips", "nonfinite_loss_steps", "stop", "params_finite")}
+
+
+def _read_chunk(chunk_sums, sums: dict, bar: "_Progress", config, epoch: int, manager) -> int:
+  """Adds a chunk's sums to the epoch's, moves the bar, stops the run if the chunk says so
+  (see `_chunk_error`); returns the chunk's `stop` signal number."""
+  seen = _add_chunk(sums, chunk_sums)
+  applied = sums["steps"] - sums["skipped_steps"]
+  bar.update(int(sums["steps"]), sums["loss"] / max(applied, 1))
+  error = _chunk_error(seen, config, epoch, manager.latest_step())
+  if error:
+    bar.close()
+    raise RunError(error)
+  return seen["stop"]
+
+
+def _chunk_error(seen: dict, config, epoch: int, last_good_step) -> str | None:
+  """Why the run must stop after a chunk, if it must: too many skipped steps in a row,
+  non-finite parameters, or, with skipping off, any non-finite loss."""
+  limit = config.optimizer.max_consecutive_skips
+  if seen["max_skips"] >= limit:
+    return (f"{seen['max_skips']} training steps in a row (in epoch {epoch + 1}) had a "
+            "non-finite loss or gradients; their updates were skipped and the run stopped "
+            f"(config.optimizer.max_consecutive_skips={limit}). The last good checkpoint, step "
+            f"{last_good_step}, is intact, but resuming replays the same steps; start over in a "
+            "new --workdir with a lower optimizer.learning_rate or an optimizer.grad_clip_norm")
+  if config.optimizer.skip_nonfinite == "off" and seen["nonfinite_loss_steps"]:
+    return (f"the training loss became non-finite in epoch {epoch + 1} with "
+            "config.optimizer.skip_nonfinite='off', so the parameters may be too; the run "
+            f"stopped and the last checkpoint, step {last_good_step}, is intact. Start over in "
+            "a new --workdir with skip_nonfinite='grads' (which skips such steps), a lower "
+            "optimizer.learning_rate or an optimizer.grad_clip_norm")
+  if not seen["params_finite"]:
+    return (f"the parameters became non-finite in epoch {epoch + 1}: with "
+            f"config.optimizer.skip_nonfinite={config.optimizer.skip_nonfinite!r} a step whose "
+            "loss was finite but whose gradients were not was applied. The run stopped and the "
+            f"last checkpoint, step {last_good_step}, is intact. Start over in a new --workdir "
+            "with skip_nonfinite='grads' (which skips such steps)")
+  return None
 
 
 @dataclasses.dataclass
@@ -411,6 +467,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   evaluator = evaluate.Evaluator(model, config, ds.test, mesh)
   history = []
   stop = _StopRequest()
+  stop_signum = 0  # the signal of any process, as read from the chunks (see make_train_chunk)
   try:
     with stop:
       print(f"training epochs {progress['epoch'] + 1}..{config.num_epochs} in {workdir}; "
@@ -423,27 +480,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                   config.batch_size, start_step, chunk_steps))
         bar = _Progress(config.log.progress, steps_per_epoch,
                         f"epoch {epoch + 1}/{config.num_epochs}")
-        pending = []  # one chunk runs on device while the host reads the one before
+        # One chunk runs on device while the host reads the one before. Whether to send the
+        # next chunk depends only on chunks read so far, the same ones on every process.
+        pending = []
+        read = lambda: _read_chunk(pending.pop(0), sums, bar, config, epoch, manager)
         for i in range(idx.shape[0]):
-          batches = parallel.gather_batches(ds.train.images, idx[i], mesh)
-          state, chunk_sums = train_chunk(state, batches, valid[i], keys.train)
-          pending.append(chunk_sums)
-          while len(pending) > (0 if stop.signum or i == idx.shape[0] - 1 else 1):
-            max_skips = _add_chunk(sums, pending.pop(0))
-            applied = sums["steps"] - sums["skipped_steps"]
-            bar.update(int(sums["steps"]), sums["loss"] / max(applied, 1))
-            if max_skips >= config.optimizer.max_consecutive_skips:
-              bar.close()
-              raise RunError(
-                  f"{max_skips} training steps in a row (in epoch {epoch + 1}) had a non-finite "
-                  "loss or gradients; their updates were skipped and the run stopped "
-                  f"(config.optimizer.max_consecutive_skips="
-                  f"{config.optimizer.max_consecutive_skips}). The last good checkpoint, step "
-                  f"{manager.latest_step()}, is intact, but resuming replays the same steps; "
-                  "start over in a new --workdir with a lower optimizer.learning_rate or an "
-                  "optimizer.grad_clip_norm")
-          if stop.signum:
+          if stop_signum:
             break
+          batches = parallel.gather_batches(ds.train.images, idx[i], mesh)
+          state, chunk_sums = train_chunk(state, batches, valid[i], keys.train,
+                                          parallel.signal_array(stop.signum or 0, mesh))
+          pending.append(chunk_sums)
+          if len(pending) > 1:
+            stop_signum = stop_signum or read()
+        while pending:
+          stop_signum = stop_signum or read()
         bar.close()
         done = int(sums["steps"])
         if done < steps_per_epoch:  # stopped by a signal mid-epoch
@@ -468,7 +519,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         print(_summary(row), flush=True)
         progress = {"epoch": epoch + 1, "step_in_epoch": 0, "sums": {}}
         last = epoch + 1 == config.num_epochs
-        if last or stop.signum or (epoch + 1) % config.checkpoint.every_epochs == 0:
+        if last or stop_signum or (epoch + 1) % config.checkpoint.every_epochs == 0:
           checkpoint.save(manager, int(state.step), {"state": state, "keys": keys.as_dict()},
                           progress, {checkpoint.BEST_METRIC: row[checkpoint.BEST_METRIC]})
         if parallel.is_primary() and (
@@ -476,13 +527,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           # Local copies: computing on the global arrays would need every process to join in.
           figures.draw_training_figures(workdir, model, parallel.local_copy(state.params), ds,
                                         config, parallel.local_copy(keys.eval))
-        if stop.signum:
+        if stop_signum:
           break
   finally:
     manager.wait_until_finished()  # an error must not cut the last good checkpoint short
     manager.close()
   finished = progress["epoch"] >= config.num_epochs
-  stopped_by = signal.Signals(stop.signum).name if stop.signum and not finished else None
+  stopped_by = signal.Signals(stop_signum).name if stop_signum and not finished else None
   if stopped_by:
     where = (f"step {progress['step_in_epoch']} of {steps_per_epoch} in epoch "
              f"{progress['epoch'] + 1}" if progress["step_in_epoch"]

@@ -187,6 +187,51 @@ def test_non_finite_step_is_skipped_and_counted():
   assert np.isfinite(float(m3["loss"]))
 
 
+def _nan_gradients(monkeypatch):
+  """Makes `objectives.loss` finite but its gradient with respect to the first parameter NaN
+  (d/dp sqrt(0 * |p|) = inf * 0)."""
+  real_loss = objectives.loss
+
+  def loss(params, rng, x, **kwargs):
+    value, metrics = real_loss(params, rng, x, **kwargs)
+    return value + jnp.sqrt(0.0 * jnp.abs(jax.tree.leaves(params)[0]).sum()), metrics
+
+  monkeypatch.setattr(objectives, "loss", loss)
+
+
+def _step_with_nan_gradients(monkeypatch, mode: str):
+  """A compiled train step in skip mode `mode` whose gradients are NaN and loss finite."""
+  config, model, tx, keys, state, _, x = _setup((32,))
+  _nan_gradients(monkeypatch)
+  config = config.copy_and_resolve_references()
+  config.optimizer.skip_nonfinite = mode
+  return jax.jit(train.make_train_step(model, tx, config)), state, x, keys
+
+
+@pytest.mark.parametrize("mode,skipped", [("grads", True), ("loss", False), ("off", False)])
+def test_skip_nonfinite_modes_check_what_they_say(monkeypatch, mode, skipped):
+  step, state, x, keys = _step_with_nan_gradients(monkeypatch, mode)
+  after, m = step(state, x, keys.train)
+  assert np.isfinite(float(m["loss"]))
+  assert bool(m["skipped"]) == skipped and int(after.step) == 1
+  params_finite = all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(after.params))
+  assert params_finite == skipped  # an unchecked NaN gradient reaches the parameters
+  if skipped:
+    assert _bitwise_equal(after.params, state.params) and int(after.skips) == 1
+
+
+def test_skip_on_loss_skips_a_non_finite_loss(monkeypatch):
+  config, model, tx, keys, state, _, x = _setup((32,))
+  config = config.copy_and_resolve_references()
+  config.optimizer.skip_nonfinite = "loss"
+  step = jax.jit(train.make_train_step(model, tx, config))
+  leaves, treedef = jax.tree.flatten(state.params)
+  poisoned = state.replace(params=jax.tree.unflatten(
+      treedef, [leaves[0].at[0].set(jnp.nan)] + leaves[1:]))
+  after, m = step(poisoned, x, keys.train)
+  assert bool(m["skipped"]) and _bitwise_equal(after.params, poisoned.params)
+
+
 def test_resume_rules_split_frozen_and_allowed_keys():
   saved = json.loads(tiny_digits_config().to_json_best_effort())
   current = tiny_digits_config()
@@ -332,3 +377,42 @@ def test_first_signal_asks_to_stop_and_a_second_acts_at_once():
       assert stop.signum == signal.SIGTERM  # still alive, asked to stop
       os.kill(os.getpid(), signal.SIGINT)
   assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_skipping_off_changes_no_figure_and_stops_at_a_non_finite_loss(one_epoch_run, tmp_path,
+                                                                     monkeypatch):
+  config = tiny_digits_config(num_epochs=1)
+  config.optimizer.skip_nonfinite = "off"
+  workdir = str(tmp_path / "off")
+  train.train_and_evaluate(config, workdir)
+  # Without non-finite steps the check only ever kept the new values: the same run.
+  (row,), (ref,) = _rows(workdir), _rows(one_epoch_run[0])
+  assert {k: v for k, v in row.items() if "seconds" not in k and "per_s" not in k} == {
+      k: v for k, v in ref.items() if "seconds" not in k and "per_s" not in k}
+
+  ckpt_digest = _tree_digest(os.path.join(workdir, "checkpoints"))
+  _poison(monkeypatch, 1.0, [])
+  config.num_epochs = 2
+  with pytest.raises(train.RunError) as e:
+    train.train_and_evaluate(config, workdir)
+  message = str(e.value)
+  assert "skip_nonfinite='off'" in message and "last checkpoint, step 46, is intact" in message
+  assert _tree_digest(os.path.join(workdir, "checkpoints")) == ckpt_digest
+  assert len(_rows(workdir)) == 1
+
+
+def test_unchecked_nan_gradients_stop_the_run_before_any_checkpoint_holds_them(
+    one_epoch_run, tmp_path, monkeypatch):
+  config = tiny_digits_config(num_epochs=1)
+  config.optimizer.skip_nonfinite = "loss"
+  workdir = str(tmp_path / "loss")
+  train.train_and_evaluate(config, workdir)
+  ckpt_digest = _tree_digest(os.path.join(workdir, "checkpoints"))
+  _nan_gradients(monkeypatch)
+  config.num_epochs = 2
+  with pytest.raises(train.RunError) as e:
+    train.train_and_evaluate(config, workdir)
+  message = str(e.value)
+  assert "parameters became non-finite in epoch 2" in message
+  assert "skip_nonfinite='loss'" in message and "last checkpoint, step 46, is intact" in message
+  assert _tree_digest(os.path.join(workdir, "checkpoints")) == ckpt_digest

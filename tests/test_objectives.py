@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -176,3 +177,48 @@ def test_scale_head_cannot_overflow_with_huge_weights():
   loss = jax.jit(objectives.loss, static_argnames=("model",))
   _, m = loss(huge, jax.random.key(0), jnp.ones((2, 4, 4, 3)), model=model)
   assert all(bool(jnp.isfinite(v)) for v in m.values())
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_bfloat16_compute_runs_the_layers_in_bfloat16_and_keeps_float32_elsewhere(arch):
+  cfg = base_config().model
+  cfg.arch, cfg.hidden, cfg.latent_dim, cfg.conv_channels = arch, (32,), 4, (8,)
+  f32_model = models.make_model(cfg, (8, 8, 3))
+  cfg.compute_dtype = "bfloat16"
+  bf16_model = models.make_model(cfg, (8, 8, 3))
+  params = models.init_params(bf16_model, jax.random.key(0), (8, 8, 3))
+  same = models.init_params(f32_model, jax.random.key(0), (8, 8, 3))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(same)))
+
+  x = jax.random.uniform(jax.random.key(1), (16, 8, 8, 3))
+  loss_fn = lambda p, model: objectives.loss(p, jax.random.key(2), x, model=model)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss_fn(p, bf16_model)[0]))(params)
+  products = {"dot_general": [], "conv_general_dilated": []}
+
+  def walk(jaxpr):
+    for e in jaxpr.eqns:
+      if e.primitive.name in products:
+        products[e.primitive.name].append(tuple(v.aval.dtype for v in e.invars))
+      for sub in jax.extend.core.jaxprs_in_params(e.params):
+        walk(sub)
+
+  walk(jaxpr.jaxpr)
+  # Every dense product, forward and both backward ones; convolutions forward.
+  dense = products["dot_general"]
+  assert len(dense) == 3 * (2 * len(cfg.hidden) + 3) and set(dense) == {(jnp.dtype(jnp.bfloat16),) * 2}
+  convs = products["conv_general_dilated"]
+  assert (arch == "mlp") == (not convs)
+  assert sum(dtypes == (jnp.dtype(jnp.bfloat16),) * 2 for dtypes in convs) == 2 * len(cfg.conv_channels) * (arch == "conv")
+
+  (bf16_loss, metrics), grads = jax.value_and_grad(lambda p: loss_fn(p, bf16_model),
+                                                   has_aux=True)(params)
+  f32_loss, _ = loss_fn(params, f32_model)
+  assert all(v.dtype == jnp.float32 for v in metrics.values())
+  f32_grads = jax.grad(lambda p: loss_fn(p, f32_model)[0])(params)
+  for g, g32 in zip(jax.tree.leaves(grads), jax.tree.leaves(f32_grads)):
+    assert g.dtype == jnp.float32
+    assert float(jnp.linalg.norm(g - g32)) < 3e-2 * float(jnp.linalg.norm(g32))
+  # bfloat16 keeps 8 bits of mantissa: the loss agrees to well under a percent, not exactly.
+  assert float(bf16_loss) == pytest.approx(float(f32_loss), rel=1e-2)
+  assert float(bf16_loss) != float(f32_loss)

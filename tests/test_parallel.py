@@ -7,6 +7,7 @@ with gloo collectives.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -120,9 +121,10 @@ def test_batches_are_split_over_devices_and_the_state_is_replicated():
     chunk = train.make_train_chunk(train.make_train_step(model, tx, config), mesh)
     images = np.random.default_rng(1).integers(0, 256, (64, 8, 8, 1), np.uint8)
     batches = parallel.gather_batches(images, np.arange(64).reshape(2, 32), mesh)
-    compiled = chunk.lower(state, batches, np.ones(2, bool), keys.train).compile()
+    no_signal = parallel.signal_array(0, mesh)
+    compiled = chunk.lower(state, batches, np.ones(2, bool), keys.train, no_signal).compile()
     state_in, batches_in = compiled.input_shardings[0][:2]
-    state, _ = compiled(state, batches, np.ones(2, bool), keys.train)
+    state, _ = compiled(state, batches, np.ones(2, bool), keys.train, no_signal)
     try:
       parallel.check_batch_divides(30, mesh)
       message = ""
@@ -208,6 +210,42 @@ def test_two_processes_match_two_devices_write_once_and_resume(tmp_path):
   # The same program on the same two devices, the gradient sum over gloo instead of in
   # process, and a resume in between: bitwise the same run.
   _assert_same_metrics(rows, _rows(reference), rel=0)
+  for p, ref in zip(_final_params(multi), _final_params(reference)):
+    np.testing.assert_array_equal(p, ref)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_they_resume(tmp_path):
+  """A signal reaches one process (as a preempted host's would); both stop at the same chunk
+  with one checkpoint, where before the other one hung in its next collective."""
+  small = ["--config.batch_size=8", "--config.log.chunks_per_epoch=1000", "--config.num_epochs=3"]
+  reference, multi = tmp_path / "two_devices", tmp_path / "two_processes"
+  _train(reference, 2, *small)
+  address = f"127.0.0.1:{_free_port()}"
+  cmds = [[sys.executable, "train.py", *TINY, "--workdir", str(multi), *small,
+           f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"]
+          for i in range(2)]
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for cmd in cmds]
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (multi / "metrics.jsonl").exists():  # epoch 1 written: epoch 2 is under way
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outs[0][1][-3000:]
+  assert "SIGTERM: saved checkpoint" in outs[0][0]
+  stopped = train_lib.restore_run(str(multi))
+  assert stopped.progress["epoch"] in (1, 2) and len(_rows(multi)) == stopped.progress["epoch"]
+
+  resumed = _train_two_processes(multi, *small)
+  assert f"resumed from step {int(stopped.state.step)}" in resumed[0].stdout
+  _assert_same_metrics(_rows(multi), _rows(reference), rel=0)
   for p, ref in zip(_final_params(multi), _final_params(reference)):
     np.testing.assert_array_equal(p, ref)
 

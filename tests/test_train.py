@@ -134,7 +134,7 @@ def test_paper_config_lowers_test_elbo_on_real_cifar10_in_300_steps():
       train_lib.epoch_batches(keys.shuffle, 0, len(ds.train.images), 32, 0, 100))
   for i in range(3):
     batches = parallel.gather_batches(ds.train.images, idx[i], mesh)
-    state, sums = chunk(state, batches, valid[i], keys.train)
+    state, sums = chunk(state, batches, valid[i], keys.train, parallel.signal_array(0, mesh))
   after = evaluator(state.params, keys.eval)
   assert int(state.step) == 300
   assert after["elbo_nats"] > before["elbo_nats"] + 100  # nats per image
