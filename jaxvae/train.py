@@ -483,7 +483,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         # One chunk runs on device while the host reads the one before. Whether to send the
         # next chunk depends only on chunks read so far, the same ones on every process.
         pending = []
-        read = lambda: _read_chunk(pending.pop(0), sums, bar, config, epoch, manager)
         for i in range(idx.shape[0]):
           if stop_signum:
             break
@@ -491,10 +490,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           state, chunk_sums = train_chunk(state, batches, valid[i], keys.train,
                                           parallel.signal_array(stop.signum or 0, mesh))
           pending.append(chunk_sums)
-          if len(pending) > 1:
-            stop_signum = stop_signum or read()
-        while pending:
-          stop_signum = stop_signum or read()
+          while len(pending) > (0 if i == idx.shape[0] - 1 else 1):
+            signum = _read_chunk(pending.pop(0), sums, bar, config, epoch, manager)
+            stop_signum = stop_signum or signum
+        while pending:  # after a stop: the chunk still in flight
+          signum = _read_chunk(pending.pop(0), sums, bar, config, epoch, manager)
+          stop_signum = stop_signum or signum
         bar.close()
         done = int(sums["steps"])
         if done < steps_per_epoch:  # stopped by a signal mid-epoch
