@@ -43,8 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.obs_sigma = 0.5 ** 0.5   # gaussian, fixed: sigma of p(x|z)
   c.model.decoder_mean = "sigmoid"  # gaussian: sigmoid (paper) | identity
   c.model.log_scale_bound = 7.0    # every log-scale is soft-clamped to (-bound, bound)
-  c.model.compute_dtype = "float32"  # float32 | bfloat16: the layers' matmuls and activations;
-                                     # parameters, optimizer state and the loss stay float32
+  c.model.compute_dtype = "float32"  # float32 | bfloat16: the layers' products (float32 sums);
+                                     # parameters, activations, Adam and the loss stay float32
 
   c.objective = ml_collections.ConfigDict()
   c.objective.beta = 1.0           # KL weight in the loss; reported ELBOs always use 1

@@ -30,9 +30,11 @@ def _bf16_product(x, kernel, dimension_numbers):
 
 
 def _bf16_product_fwd(x, kernel, dimension_numbers):
-  x16, k16 = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+  # With symbolic zeros, x.perturbed says whether anything asks for the gradient of x (not
+  # so for the data entering the first layer), so that product is never formed.
+  x16, k16 = x.value.astype(jnp.bfloat16), kernel.value.astype(jnp.bfloat16)
   out = jax.lax.dot_general(x16, k16, dimension_numbers, preferred_element_type=jnp.float32)
-  return out, (x16, k16)
+  return out, (x16, k16 if x.perturbed else None)
 
 
 def _bf16_product_bwd(dimension_numbers, residuals, g):
@@ -40,14 +42,14 @@ def _bf16_product_bwd(dimension_numbers, residuals, g):
   # cotangent by an upcast operand, in float32); the gradients come out float32.
   x16, k16 = residuals
   g16 = g.astype(jnp.bfloat16)
-  dx = jax.lax.dot_general(g16, k16, (((g.ndim - 1,), (1,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+  dx = None if k16 is None else jax.lax.dot_general(
+      g16, k16, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
   dk = jax.lax.dot_general(x16.reshape(-1, x16.shape[-1]), g16.reshape(-1, g16.shape[-1]),
                            (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
   return dx, dk
 
 
-_bf16_product.defvjp(_bf16_product_fwd, _bf16_product_bwd)
+_bf16_product.defvjp(_bf16_product_fwd, _bf16_product_bwd, symbolic_zeros=True)
 
 
 def _bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
@@ -76,7 +78,7 @@ class MLPEncoder(nn.Module):
   hidden: Sequence[int]
   latent_dim: int
   activation: Callable = nn.gelu
-  dtype: jnp.dtype = jnp.float32  # of the matmuls and activations; parameters stay float32
+  dtype: jnp.dtype = jnp.float32  # of the layers' products (see `_layer`)
 
   @nn.compact
   def __call__(self, x):

@@ -1,0 +1,125 @@
+"""Config variants of the train step timed side by side in one process, with the matmul rate.
+
+  python benchmarks/compare.py --config configs/cifar10.py [--config.key=value ...] \
+      --variants "optimizer.skip_nonfinite=grads; optimizer.skip_nonfinite=off; model.compute_dtype=bfloat16"
+
+Each variant is the config plus its own `key=value` overrides (spaces between keys, `;`
+between variants; an empty variant is the config itself). Every round times one train chunk of --steps steps of each variant in turn (a fresh
+state each, random images on device), then measures the matmul rate at the step's own shapes
+and dtypes (benchmarks/rates.py, as throughput.py does); the medians over --rounds rounds are reported.
+Interleaving puts every variant through the same moments of a noisy machine, so the ratios
+between them hold better than those of separate runs. Prints a table and one JSON line.
+"""
+
+import ast
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxvae import config as config_lib
+from jaxvae import models, objectives, parallel, train
+from rates import matmul_rate, step_matmuls
+
+config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
+                                lock_config=True)
+flags.DEFINE_string("variants", "", "Variants: `key=value [key=value ...]` each, `;` between "
+                    "them; an empty variant is the config itself.")
+flags.DEFINE_list("image_shape", ["32", "32", "3"], "H,W,C of the random images.")
+flags.DEFINE_integer("steps", 40, "Steps per timed chunk.")
+flags.DEFINE_integer("rounds", 5, "Rounds of timing every variant once.")
+flags.mark_flags_as_required(["config"])
+
+
+def parse_variants(text: str, base) -> list[tuple[str, object]]:
+  """'a.b=1 c=(1,2); d=x' -> [(label, config)], each a copy of `base` with its overrides."""
+  out = []
+  for part in text.split(";"):
+    config = base.copy_and_resolve_references()
+    pairs = part.split()
+    for pair in pairs:
+      key, sep, value = pair.partition("=")
+      *path, node = key.strip().split(".")
+      parent = config
+      for name in path:
+        parent = parent[name]
+      if not sep or node not in parent:
+        raise ValueError(f"variant item {pair!r} is not key=value with a config key")
+      old, value = parent[node], value.strip()
+      if isinstance(old, bool):
+        parent[node] = value.lower() in ("1", "true")
+      elif isinstance(old, (tuple, list)):
+        parent[node] = type(old)(ast.literal_eval(value))
+      else:
+        parent[node] = type(old)(value)
+    config_lib.validate(config)
+    out.append((" ".join(pairs) or "(config)", config))
+  return out
+
+
+def main(argv):
+  del argv
+  mesh = parallel.make_mesh()
+  shape = tuple(int(s) for s in flags.FLAGS.image_shape)
+  variants = parse_variants(flags.FLAGS.variants, flags.FLAGS.config)
+  batch = variants[0][1].batch_size
+  if any(c.batch_size != batch for _, c in variants):
+    raise ValueError("variants must share batch_size (it sets the images each chunk takes)")
+  parallel.check_batch_divides(batch, mesh)
+  steps = flags.FLAGS.steps
+  images = np.random.default_rng(0).integers(0, 256, (steps * batch,) + shape, np.uint8)
+  batches = parallel.gather_batches(images, np.arange(steps * batch).reshape(steps, batch), mesh)
+  valid, no_signal = np.ones(steps, bool), parallel.signal_array(0, mesh)
+
+  runs = []
+  for label, config in variants:
+    model = models.make_model(config.model, shape)
+    tx = train.make_optimizer(config.optimizer)
+    keys = train.Keys.from_seed(config.seed)
+    fresh = functools.partial(train.init_state, model, tx, keys.init, shape)
+    chunk = train.make_train_chunk(train.make_train_step(model, tx, config), mesh)
+    loss_fn = functools.partial(objectives.loss, model=model, beta=config.objective.beta,
+                                num_samples=config.objective.num_samples)
+    products = step_matmuls(loss_fn, fresh().params, keys.train,
+                                       jnp.zeros((batch,) + shape, jnp.float32))
+    jax.block_until_ready(chunk(fresh(), batches, valid, keys.train, no_signal))  # compile
+    runs.append({"label": label, "chunk": chunk, "fresh": fresh, "key": keys.train,
+                 "products": products, "seconds": [], "rates": []})
+
+  options = train.compiler_options(mesh)
+  for _ in range(flags.FLAGS.rounds):
+    for run in runs:
+      state = jax.block_until_ready(run["fresh"]())
+      t0 = time.perf_counter()
+      jax.block_until_ready(run["chunk"](state, batches, valid, run["key"], no_signal))
+      run["seconds"].append((time.perf_counter() - t0) / steps)
+    for run in runs:
+      run["rates"].append(matmul_rate(run["products"], options))
+
+  steps_per_epoch = 50_000 // batch
+  first = float(np.median(runs[0]["seconds"]))
+  rows = []
+  for run in runs:
+    step_s, rate = float(np.median(run["seconds"])), float(np.median(run["rates"]))
+    flops = sum(f for f, _ in run["products"])
+    rows.append({"variant": run["label"], "batch_size": batch, "ms_per_step": step_s * 1e3,
+                 "min_ms_per_step": min(run["seconds"]) * 1e3,
+                 "s_per_50k_images": step_s * steps_per_epoch, "speedup": first / step_s,
+                 "step_gflop": flops / 1e9, "matmul_rate_gflop_per_s": rate / 1e9,
+                 "fraction_of_matmul_rate": flops / step_s / rate})
+  width = max(len(r["variant"]) for r in rows)
+  print(f"{'variant':<{width}}  ms/step (min)    s/50k img  speedup  step vs its matmul rate")
+  for r in rows:
+    print(f"{r['variant']:<{width}}  {r['ms_per_step']:7.2f} ({r['min_ms_per_step']:6.2f})  "
+          f"{r['s_per_50k_images']:9.2f}  {r['speedup']:6.2f}x  "
+          f"{100 * r['fraction_of_matmul_rate']:5.1f}% of {r['matmul_rate_gflop_per_s']:.0f} GFLOP/s")
+  print(json.dumps({"rounds": flags.FLAGS.rounds, "steps": steps, "variants": rows}))
+
+
+if __name__ == "__main__":
+  app.run(main)

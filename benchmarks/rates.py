@@ -1,0 +1,104 @@
+"""The machine's matmul rate at a train step's own products, and the optimizer's cost alone;
+shared by benchmarks/throughput.py and benchmarks/compare.py."""
+
+import functools
+import math
+import time
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import optax
+
+
+def _dot_flops(eqn) -> tuple[int, tuple]:
+  """FLOPs of one dot_general or convolution, and what is needed to replay it."""
+  lhs, rhs = (v.aval for v in eqn.invars)
+  out = eqn.outvars[0].aval
+  if eqn.primitive.name == "dot_general":
+    (contract, _), _ = eqn.params["dimension_numbers"]
+    k = math.prod(lhs.shape[d] for d in contract)
+  else:  # conv_general_dilated: each output element sums over a kernel window of all inputs
+    spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, spatial...)
+    k = math.prod(rhs.shape[d] for d in spec[1:]) // eqn.params["feature_group_count"]
+  return 2 * math.prod(out.shape) * k, (eqn.primitive, eqn.params, lhs, rhs)
+
+
+def step_matmuls(loss_fn, params, key, x) -> list[tuple[int, tuple]]:
+  """Every matrix product (and convolution) of one forward + backward pass, from the jaxpr."""
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(loss_fn, has_aux=True))(params, key, x)
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        found.append(_dot_flops(eqn))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jaxpr.jaxpr)
+  return found
+
+
+def _time_loop(fn, args, min_seconds: float = 1.0) -> float:
+  """Seconds per repetition of fn(reps, *args): the best of three runs of about
+  `min_seconds`, after a warm-up (reps is static: two counts, two compilations)."""
+  jax.block_until_ready(fn(4, *args))
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(4, *args))
+  reps = max(4, math.ceil(4 * min_seconds / (time.perf_counter() - t0)))
+  jax.block_until_ready(fn(reps, *args))
+  times = []
+  for _ in range(3):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(reps, *args))
+    times.append(time.perf_counter() - t0)
+  return min(times) / reps
+
+
+def matmul_rate(products: list[tuple[int, tuple]], options: dict) -> float:
+  """FLOP/s of the given products: their FLOPs over the sum of their times, each product
+  repeated alone in a compiled loop on operands of its own shape and dtype."""
+  seconds = 0.0
+  for _, (prim, params, lhs, rhs) in products:
+    operands = (jnp.full(lhs.shape, 0.5, lhs.dtype), jnp.full(rhs.shape, 0.5, rhs.dtype))
+
+    @functools.partial(jax.jit, static_argnums=0, compiler_options=options)
+    def run(reps, operands, prim=prim, params=params):
+      def body(_, carry):
+        # The barrier keeps XLA from hoisting the loop-invariant product out of the loop.
+        total, (a, b) = jax.lax.optimization_barrier(carry)
+        return total + prim.bind(a, b, **params).reshape(-1)[0].astype(jnp.float32), (a, b)
+      return jax.lax.fori_loop(0, reps, body, (jnp.float32(0), operands))[0]
+
+    seconds += _time_loop(run, (operands,), min_seconds=0.25)
+  return sum(f for f, _ in products) / seconds
+
+
+def large_matmul_rate(options: dict, n: int = 2048) -> float:
+  a = jnp.full((n, n), 0.5, jnp.float32)
+
+  @functools.partial(jax.jit, static_argnums=0, compiler_options=options)
+  def run(reps, a):
+    def body(_, carry):
+      total, a = jax.lax.optimization_barrier(carry)
+      return total + (a @ a)[0, 0], a
+    return jax.lax.fori_loop(0, reps, body, (jnp.float32(0), a))[0]
+
+  return 2 * n ** 3 / _time_loop(run, (a,))
+
+
+def optimizer_seconds(tx, params, opt_state, options: dict) -> float:
+  """One tx.update + apply_updates over the real parameters, alone."""
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+
+  @functools.partial(jax.jit, static_argnums=0, compiler_options=options)
+  def run(reps, params, opt_state, grads):
+    def body(_, carry):
+      params, opt_state, grads = carry
+      grads = jax.lax.optimization_barrier(grads)  # not hoisted: read afresh every update
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, grads
+    return jax.lax.fori_loop(0, reps, body, (params, opt_state, grads))[:2]
+
+  return _time_loop(run, (params, opt_state, grads))
