@@ -1,0 +1,44 @@
+"""The benchmark scripts run and report what they say they report (their figures are for people
+to read; no speed is asserted here)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+SMALL = ["--config=configs/digits.py", "--config.model.hidden=(32,)", "--config.model.latent_dim=4"]
+
+
+def _json_line(*args) -> dict:
+  proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_throughput_reports_its_figures():
+  out = _json_line("benchmarks/throughput.py", *SMALL, "--epochs=1", "--steps=5",
+                   "--eval_repeats=1")
+  assert out["config"]["timed_steps_per_epoch"] == 5 and out["config"]["steps_per_epoch"] == 46
+  # Forward, then two products per layer backward but none for the gradient of the data.
+  forward = 2 * 32 * (64 * 32 + 32 * 4 * 2 + 4 * 32 + 32 * 64)
+  assert out["step_gflop"] * 1e9 == pytest.approx(3 * forward - 2 * 32 * 64 * 32)
+  for key in ("compile_s", "train_s_per_epoch", "eval_s", "matmul_rate_gflop_per_s",
+              "optimizer_ms", "peak_rss_gib"):
+    assert out[key] > 0, key
+  assert out["floor_ms_per_step"] < out["train_ms_per_step"] / out["fraction_of_matmul_rate"]
+
+
+@pytest.mark.slow
+def test_compare_times_each_variant_with_its_own_config():
+  out = _json_line("benchmarks/compare.py", *SMALL, "--image_shape=8,8,1", "--rounds=1",
+                   "--steps=3", "--variants=; model.hidden=(64,) model.compute_dtype=bfloat16")
+  base, other = out["variants"]
+  assert base["variant"] == "(config)" and base["speedup"] == 1.0
+  assert other["variant"] == "model.hidden=(64,) model.compute_dtype=bfloat16"
+  assert other["step_gflop"] == pytest.approx(2 * base["step_gflop"], rel=0.05)
+  assert all(r["ms_per_step"] > 0 and r["matmul_rate_gflop_per_s"] > 0 for r in (base, other))
