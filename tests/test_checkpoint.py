@@ -370,15 +370,22 @@ def test_too_many_skips_stop_with_the_last_checkpoint_intact(one_epoch_run, tmp_
 
 
 def test_first_signal_asks_to_stop_and_a_second_acts_at_once():
-  before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-  with pytest.raises(KeyboardInterrupt):
-    with train._StopRequest() as stop:
-      # raise_signal, not os.kill: with JAX's threads about, a process-wide signal may land on
-      # another thread and reach the Python handler only after the block is left.
-      signal.raise_signal(signal.SIGTERM)  # runs the Python handler before returning
-      assert stop.signum == signal.SIGTERM  # still alive, asked to stop
-      signal.raise_signal(signal.SIGINT)
-  assert {s: signal.getsignal(s) for s in before} == before
+  # From the handlers a python process starts with, whatever earlier tests' libraries set.
+  original = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+              signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL)}
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      with train._StopRequest() as stop:
+        # raise_signal, not os.kill: with JAX's threads about, a process-wide signal may land
+        # on another thread and reach the Python handler only after the block is left.
+        signal.raise_signal(signal.SIGTERM)  # runs the Python handler before returning
+        assert stop.signum == signal.SIGTERM  # still alive, asked to stop
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+  finally:
+    for signum, handler in original.items():
+      signal.signal(signum, handler)
 
 
 def test_skipping_off_changes_no_figure_and_stops_at_a_non_finite_loss(one_epoch_run, tmp_path,
