@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
-from absl import app, flags, logging
+from absl import app, flags
 
 from jaxvae import data, distributions, models, objectives, parallel
 
@@ -559,12 +559,8 @@ def format_table(result: dict) -> str:
 
 def main(argv):
   from jaxvae import train  # imported here: train imports this module
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # not given on the command line
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
   workdir = flags.FLAGS.workdir
-  run = train.restore_run(workdir)
+  run = train.restore_run_for_command(argv, workdir)
   result = evaluate_run(run, flags.FLAGS.iw_samples, os.path.basename(os.path.abspath(workdir)))
   print(format_table(result))
   print("seconds: " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()))

@@ -18,7 +18,7 @@ import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from jaxvae import data, distributions, evaluate, models, parallel, sample  # noqa: E402
 
@@ -317,12 +317,8 @@ def _pairs(labels: np.ndarray, num: int, key: jax.Array) -> np.ndarray:
 
 def main(argv):
   from jaxvae import train  # imported here: train imports this module
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # not given on the command line
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
   workdir = flags.FLAGS.workdir
-  run = train.restore_run(workdir)
+  run = train.restore_run_for_command(argv, workdir)
   for path in draw_training_figures(workdir, run.model, run.state.params, run.dataset, run.config,
                                     run.keys.eval):
     print(f"wrote {path}")

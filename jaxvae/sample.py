@@ -15,7 +15,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from PIL import Image
 
 from jaxvae import distributions, models
@@ -106,12 +106,8 @@ def default_zoom(height: int) -> int:
 
 def main(argv):
   from jaxvae import train  # imported here: train imports figures, which imports this module
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # not given on the command line
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
   f = flags.FLAGS
-  run = train.restore_run(f.workdir)
+  run = train.restore_run_for_command(argv, f.workdir)
   images = prior_samples(run.model, run.state.params, jax.random.key(f.seed), f.num, f.temperature)
   zoom = f.zoom or default_zoom(images.shape[1])
   path = save_png(image_grid(np.asarray(images), zoom=zoom), f.out)

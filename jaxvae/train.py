@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import app, flags, logging
 
 from jaxvae import checkpoint, data, evaluate, figures, models, objectives, parallel
 from jaxvae import config as config_lib
@@ -404,6 +405,16 @@ def restore_run(workdir: str, step: int | None = None) -> Run:
                                       parallel.replicated(parallel.make_mesh()))
   manager.close()
   return Run(config, ds, model, tree["state"], Keys(**tree["keys"]), progress)
+
+
+def restore_run_for_command(argv: list[str], workdir: str) -> Run:
+  """`restore_run` for the evaluate, figures and sample commands: refuses stray arguments and,
+  unless --verbosity is given, quiets orbax, which logs every file it reads at INFO."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  return restore_run(workdir)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
