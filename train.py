@@ -17,7 +17,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxvae import checkpoint, config, data, parallel
-from jaxvae.train import RunError, train_and_evaluate
+from jaxvae.run import RunError
+from jaxvae.train import train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
                                 lock_config=True)

@@ -23,7 +23,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxvae import config as config_lib
-from jaxvae import models, objectives, parallel, train
+from jaxvae import models, objectives, optim, parallel, train
+from jaxvae import state as state_lib
 from rates import matmul_rate, step_matmuls
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
@@ -79,8 +80,8 @@ def main(argv):
   runs = []
   for label, config in variants:
     model = models.make_model(config.model, shape)
-    tx = train.make_optimizer(config.optimizer)
-    keys = train.Keys.from_seed(config.seed)
+    tx = optim.make_optimizer(config.optimizer)
+    keys = state_lib.Keys.from_seed(config.seed)
     fresh = functools.partial(train.init_state, model, tx, keys.init, shape)
     chunk = train.make_train_chunk(train.make_train_step(model, tx, config), mesh)
     loss_fn = functools.partial(objectives.loss, model=model, beta=config.objective.beta,

@@ -41,7 +41,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from jaxvae import config as config_lib  # noqa: E402
-from jaxvae import data, evaluate, models, objectives, parallel, train  # noqa: E402
+from jaxvae import data, evaluate, models, objectives, optim, parallel, train  # noqa: E402
+from jaxvae import state as state_lib  # noqa: E402
 from rates import (large_matmul_rate, matmul_rate, optimizer_seconds,  # noqa: E402
                    step_matmuls)
 
@@ -106,9 +107,9 @@ def main(argv):
   chunk_steps = math.ceil(steps_per_epoch / min(config.log.chunks_per_epoch, steps_per_epoch))
 
   model = models.make_model(config.model, ds.image_shape)
-  tx = train.make_optimizer(config.optimizer)
-  keys = train.Keys(**parallel.replicate(train.Keys.from_seed(config.seed).as_dict(), mesh))
-  state = parallel.replicate(train.init_state(model, tx, keys.init, ds.image_shape), mesh)
+  tx = optim.make_optimizer(config.optimizer)
+  keys = state_lib.Keys(**parallel.replicate(state_lib.Keys.from_seed(config.seed).as_dict(), mesh))
+  state = parallel.replicate(state_lib.init_state(model, tx, keys.init, ds.image_shape), mesh)
   train_step = train.make_train_step(model, tx, config)
   train_chunk = train.make_train_chunk(train_step, mesh)
 

@@ -31,6 +31,7 @@ import scipy.linalg
 from absl import app, flags
 
 from jaxvae import data, distributions, models, objectives, parallel
+from jaxvae import run as run_lib
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active when Cov_x E_q[z_j] > 0.01
 PAPER_SSIM_WINDOW = 7         # scikit-image's default win_size before 0.19
@@ -558,9 +559,8 @@ def format_table(result: dict) -> str:
 
 
 def main(argv):
-  from jaxvae import train  # imported here: train imports this module
   workdir = flags.FLAGS.workdir
-  run = train.restore_run_for_command(argv, workdir)
+  run = run_lib.restore_run_for_command(argv, workdir)
   result = evaluate_run(run, flags.FLAGS.iw_samples, os.path.basename(os.path.abspath(workdir)))
   print(format_table(result))
   print("seconds: " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()))

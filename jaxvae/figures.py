@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from jaxvae import data, distributions, evaluate, models, parallel, sample  # noqa: E402
+from jaxvae import run as run_lib  # noqa: E402
 
 DPI = 100
 FIGSIZES = {  # inches (width, height)
@@ -316,9 +317,8 @@ def _pairs(labels: np.ndarray, num: int, key: jax.Array) -> np.ndarray:
 
 
 def main(argv):
-  from jaxvae import train  # imported here: train imports this module
   workdir = flags.FLAGS.workdir
-  run = train.restore_run_for_command(argv, workdir)
+  run = run_lib.restore_run_for_command(argv, workdir)
   for path in draw_training_figures(workdir, run.model, run.state.params, run.dataset, run.config,
                                     run.keys.eval):
     print(f"wrote {path}")

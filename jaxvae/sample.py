@@ -19,6 +19,7 @@ from absl import app, flags
 from PIL import Image
 
 from jaxvae import distributions, models
+from jaxvae import run as run_lib
 
 
 @functools.partial(jax.jit, static_argnames="model")
@@ -105,9 +106,8 @@ def default_zoom(height: int) -> int:
 
 
 def main(argv):
-  from jaxvae import train  # imported here: train imports figures, which imports this module
   f = flags.FLAGS
-  run = train.restore_run_for_command(argv, f.workdir)
+  run = run_lib.restore_run_for_command(argv, f.workdir)
   images = prior_samples(run.model, run.state.params, jax.random.key(f.seed), f.num, f.temperature)
   zoom = f.zoom or default_zoom(images.shape[1])
   path = save_png(image_grid(np.asarray(images), zoom=zoom), f.out)

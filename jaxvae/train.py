@@ -9,66 +9,24 @@ replays exactly, since every key is a function of (seed, epoch, step).
 
 import dataclasses
 import functools
-import json
 import math
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import app, flags, logging
 
-from jaxvae import checkpoint, data, evaluate, figures, models, objectives, parallel
+from jaxvae import checkpoint, data, evaluate, figures, models, objectives, optim, parallel
+from jaxvae import run as run_lib
 from jaxvae import config as config_lib
+from jaxvae.state import Keys, TrainState, init_state
 
 TRAIN_SUM_KEYS = ("loss", "elbo_nats", "log_lik_nats", "kl_nats")
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # int32[], global optimizer steps taken (skipped ones included)
-  params: Any
-  opt_state: Any
-  skips: jax.Array  # int32[], non-finite steps skipped in a row up to now
-
-
-@dataclasses.dataclass(frozen=True)
-class Keys:
-  """The run's independent random streams, all from `config.seed`."""
-  init: jax.Array
-  train: jax.Array    # step key: fold_in(train, step)
-  shuffle: jax.Array  # epoch order: fold_in(shuffle, epoch)
-  eval: jax.Array     # fixed across epochs, so test figures are comparable
-
-  @classmethod
-  def from_seed(cls, seed: int) -> "Keys":
-    return cls(*jax.random.split(jax.random.key(seed), 4))
-
-  def as_dict(self) -> dict[str, jax.Array]:
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-def make_optimizer(opt_cfg) -> optax.GradientTransformation:
-  """Adam, optionally after global-norm clipping."""
-  tx = optax.adam(opt_cfg.learning_rate)
-  if opt_cfg.grad_clip_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip_norm), tx)
-  return tx
-
-
-def init_state(model: models.VAE, tx: optax.GradientTransformation, rng: jax.Array,
-               image_shape) -> TrainState:
-  params = models.init_params(model, rng, image_shape)
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.zeros((), jnp.int32))
 
 
 def make_train_step(model: models.VAE, tx, config):
@@ -196,93 +154,6 @@ class _Progress:
       sys.stderr.write("\n")
 
 
-def _append_jsonl(path: str, row: dict) -> None:
-  if not parallel.is_primary():  # a run's files are written once, by process 0
-    return
-  with open(path, "a") as f:
-    f.write(json.dumps(row) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _truncate_metrics(path: str, last_epoch: int) -> int:
-  """Drops rows past the restored epoch (written before a kill cut their checkpoint short);
-  returns how many, as they will be written again."""
-  if not parallel.is_primary() or not os.path.exists(path):
-    return 0
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  rows = [line for line in lines if json.loads(line)["epoch"] <= last_epoch]
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(rows)
-  os.replace(tmp, path)
-  return len(lines) - len(rows)
-
-
-def _config_json(config: ml_collections.ConfigDict) -> dict:
-  return json.loads(config.to_json_best_effort())
-
-
-class RunError(RuntimeError):
-  """A run that cannot start or go on; the message says why and what to do."""
-
-
-# What a run writes in its workdir; --overwrite deletes exactly these.
-RUN_FILES = ("config.json", "config_changes.jsonl", "metrics.jsonl", "checkpoints",
-             "bad_checkpoints", "figures")
-
-
-def _prepare_workdir(workdir: str, config_json: dict, overwrite: bool) -> dict:
-  """Checks WORKDIR before any compute; returns the allowed config changes of a resumed run.
-
-  Refuses a workdir that cannot be written, or one holding a run whose frozen config keys
-  differ or cannot be read, unless `overwrite`, which deletes that run's files first.
-  """
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=workdir):  # permissions alone miss read-only mounts
-      pass
-  except OSError as e:
-    raise RunError(f"--workdir={workdir} cannot be written ({e.strerror}); choose a directory "
-                   "you can write to") from None
-  present = [name for name in RUN_FILES if os.path.exists(os.path.join(workdir, name))]
-  if present and overwrite:
-    for name in present if parallel.is_primary() else ():
-      path = os.path.join(workdir, name)
-      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    print(f"--overwrite: deleted {', '.join(present)} of the previous run in {workdir}",
-          flush=True)
-    return {}
-  if not present:
-    return {}
-  try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      saved = json.load(f)
-  except (OSError, ValueError) as e:
-    raise RunError(f"{workdir} holds {', '.join(present)} but no readable config.json ({e}), so "
-                   "this config cannot be checked against its run; choose another --workdir, or "
-                   "pass --overwrite to delete that run") from None
-  frozen, allowed = config_lib.resume_changes(saved, config_json)
-  if frozen:
-    listed = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in frozen.items())
-    raise RunError(
-        f"{workdir} holds a run of another config ({listed}). A resumed run may change only "
-        f"{', '.join(config_lib.RESUMABLE_KEYS)}. Rerun with the run's own values to resume it, "
-        "choose another --workdir, or pass --overwrite to delete that run and start over")
-  return allowed
-
-
-def _write_config(workdir: str, config_json: dict) -> None:
-  """Writes config.json atomically: a kill mid-write must not leave a run unresumable."""
-  if not parallel.is_primary():
-    return
-  path = os.path.join(workdir, "config.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(config_json, f, indent=2)
-  os.replace(path + ".tmp", path)
-
-
 class _StopRequest:
   """Turns SIGINT/SIGTERM into `signum`, which the training loop checks between chunks; a
   second signal acts at once (the previous handler). Handlers can only be set in the main
@@ -330,7 +201,7 @@ def _read_chunk(chunk_sums, sums: dict, bar: "_Progress", config, epoch: int, ma
   error = _chunk_error(seen, config, epoch, manager.latest_step())
   if error:
     bar.close()
-    raise RunError(error)
+    raise run_lib.RunError(error)
   return seen["stop"]
 
 
@@ -367,56 +238,6 @@ class TrainResult:
   stopped_by: str | None = None  # the signal that stopped the run early ("SIGTERM"), if any
 
 
-@dataclasses.dataclass
-class Run:
-  """A trained run restored from its workdir, ready for evaluation and figures."""
-  config: ml_collections.ConfigDict
-  dataset: data.Dataset
-  model: models.VAE
-  state: TrainState
-  keys: Keys
-  progress: dict  # epoch, step_in_epoch of the restored checkpoint
-
-
-def restore_run(workdir: str, step: int | None = None) -> Run:
-  """Rebuilds the model and data of WORKDIR from its config.json and restores a checkpoint
-  (the latest unless `step` is given)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{workdir} holds no config.json; is it a jaxvae run's --workdir?")
-  with open(path) as f:
-    saved = json.load(f)
-  # Laid over today's defaults, so a run saved before a key existed still restores.
-  config = config_lib.base_config()
-  known = config_lib.flatten(config.to_dict())
-  config.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
-                                     for k, v in config_lib.flatten(saved).items() if k in known})
-  ds = data.load(config.data)
-  model = models.make_model(config.model, ds.image_shape)
-  keys = Keys.from_seed(config.seed)
-  template = {"state": jax.eval_shape(
-      lambda: init_state(model, make_optimizer(config.optimizer), keys.init, ds.image_shape)),
-              "keys": keys.as_dict()}
-  manager = checkpoint.make_manager(workdir, config.checkpoint.keep)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint; train first")
-  tree, progress = checkpoint.restore(manager, step, template,
-                                      parallel.replicated(parallel.make_mesh()))
-  manager.close()
-  return Run(config, ds, model, tree["state"], Keys(**tree["keys"]), progress)
-
-
-def restore_run_for_command(argv: list[str], workdir: str) -> Run:
-  """`restore_run` for the evaluate, figures and sample commands: refuses stray arguments and,
-  unless --verbosity is given, quiets orbax, which logs every file it reads at INFO."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  return restore_run(workdir)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        overwrite: bool = False) -> TrainResult:
   """Trains to `config.num_epochs`, evaluating each epoch, resuming from WORKDIR if it can.
@@ -426,8 +247,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `stopped_by` names the signal. `overwrite` deletes a previous run of another config.
   """
   config_lib.validate(config)
-  config_json = _config_json(config)
-  changes = _prepare_workdir(workdir, config_json, overwrite)
+  config_json = run_lib.config_to_json(config)
+  changes = run_lib.prepare_workdir(workdir, config_json, overwrite)
   parallel.barrier("workdir prepared")  # no process reads a workdir that --overwrite empties
   mesh = parallel.make_mesh()
   parallel.check_batch_divides(config.batch_size, mesh)
@@ -443,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   chunk_steps = math.ceil(steps_per_epoch / chunks)
 
   model = models.make_model(config.model, ds.image_shape)
-  tx = make_optimizer(config.optimizer)
+  tx = optim.make_optimizer(config.optimizer)
   replicated = parallel.replicated(mesh)
   # Replicated over the mesh, like the state: orbax saves only global arrays in a multi-process run.
   keys = Keys(**parallel.replicate(Keys.from_seed(config.seed).as_dict(), mesh))
@@ -462,17 +283,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     where = (f"step {progress['step_in_epoch']} of epoch {progress['epoch'] + 1}"
              if progress["step_in_epoch"] else f"the end of epoch {progress['epoch']}")
     print(f"resumed from step {int(state.step)}, {where}", flush=True)
-  dropped = _truncate_metrics(metrics_path, progress["epoch"])
+  dropped = run_lib.truncate_metrics(metrics_path, progress["epoch"])
   if dropped:
     print(f"dropped {dropped} metrics.jsonl rows past epoch {progress['epoch']}, the last "
           "checkpointed; their epochs run again", flush=True)
   if changes:
     print("config changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}"
                                                    for k, (a, b) in changes.items()), flush=True)
-    _append_jsonl(os.path.join(workdir, "config_changes.jsonl"),
+    run_lib.append_jsonl(os.path.join(workdir, "config_changes.jsonl"),
                   {"step": int(state.step), "epoch": progress["epoch"],
                    "changes": {k: list(v) for k, v in changes.items()}})
-  _write_config(workdir, config_json)
+  run_lib.write_config(workdir, config_json)
 
   train_chunk = make_train_chunk(make_train_step(model, tx, config), mesh)
   evaluator = evaluate.Evaluator(model, config, ds.test, mesh)
@@ -526,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         t1 = time.time()
         row.update({f"test/{k}": v for k, v in evaluator(state.params, keys.eval).items()})
         row["test/seconds"] = time.time() - t1
-        _append_jsonl(metrics_path, row)  # before the checkpoint: a kill in between replays the epoch
+        run_lib.append_jsonl(metrics_path, row)  # before the checkpoint: a kill in between replays the epoch
         history.append(row)
         print(_summary(row), flush=True)
         progress = {"epoch": epoch + 1, "step_in_epoch": 0, "sums": {}}

@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvae import checkpoint, data, models, objectives, parallel, train
+from jaxvae import checkpoint, data, models, objectives, optim, parallel, train
+from jaxvae import run as run_lib
+from jaxvae import state as state_lib
 from jaxvae import config as config_lib
 from tests.conftest import tiny_digits_config
 
@@ -26,9 +28,9 @@ def _setup(hidden):
   config = tiny_digits_config()
   config.model.hidden = hidden
   model = models.make_model(config.model, (8, 8, 1))
-  tx = train.make_optimizer(config.optimizer)
-  keys = train.Keys.from_seed(0)
-  state = train.init_state(model, tx, keys.init, (8, 8, 1))
+  tx = optim.make_optimizer(config.optimizer)
+  keys = state_lib.Keys.from_seed(0)
+  state = state_lib.init_state(model, tx, keys.init, (8, 8, 1))
   step = jax.jit(train.make_train_step(model, tx, config))
   return config, model, tx, keys, state, step, data.load(config.data).train.images[:32]
 
@@ -42,7 +44,7 @@ def _model_state(hidden=(32,), steps=1):
 
 
 def _template(model, tx, keys):
-  return {"state": jax.eval_shape(lambda: train.init_state(model, tx, keys.init, (8, 8, 1))),
+  return {"state": jax.eval_shape(lambda: state_lib.init_state(model, tx, keys.init, (8, 8, 1))),
           "keys": keys.as_dict()}
 
 
@@ -291,7 +293,7 @@ def test_frozen_key_change_is_refused_before_compute(one_epoch_run, tmp_path, mo
   config.model.latent_dim = 3
   config.batch_size = 16
   _no_compute(monkeypatch)
-  with pytest.raises(train.RunError) as e:
+  with pytest.raises(run_lib.RunError) as e:
     train.train_and_evaluate(config, workdir)
   assert "batch_size: 32 in the run, 16 now" in str(e.value)
   assert "model.latent_dim: 4 in the run, 3 now" in str(e.value)
@@ -306,18 +308,18 @@ def test_overwrite_deletes_the_old_run_then_starts_over(one_epoch_run, tmp_path,
   _no_compute(monkeypatch)
   with pytest.raises(AssertionError, match="data.load ran"):  # got past the workdir check
     train.train_and_evaluate(config, workdir, overwrite=True)
-  assert not any(os.path.exists(os.path.join(workdir, name)) for name in train.RUN_FILES)
+  assert not any(os.path.exists(os.path.join(workdir, name)) for name in run_lib.RUN_FILES)
 
 
 def test_unwritable_workdir_fails_before_compute(tmp_path, monkeypatch):
   _no_compute(monkeypatch)
   (tmp_path / "a_file").write_text("")
-  with pytest.raises(train.RunError, match="cannot be written"):
+  with pytest.raises(run_lib.RunError, match="cannot be written"):
     train.train_and_evaluate(tiny_digits_config(), str(tmp_path / "a_file" / "run"))
   if os.geteuid() != 0:  # root writes through permission bits
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    with pytest.raises(train.RunError, match="cannot be written"):
+    with pytest.raises(run_lib.RunError, match="cannot be written"):
       train.train_and_evaluate(tiny_digits_config(), str(locked))
 
 
@@ -356,7 +358,7 @@ def test_too_many_skips_stop_with_the_last_checkpoint_intact(one_epoch_run, tmp_
   _poison(monkeypatch, 1.0, [])
   config = tiny_digits_config(num_epochs=3)
   config.optimizer.max_consecutive_skips = 4  # may change on resume
-  with pytest.raises(train.RunError) as e:
+  with pytest.raises(run_lib.RunError) as e:
     train.train_and_evaluate(config, workdir)
   message = str(e.value)
   assert "non-finite" in message and "max_consecutive_skips=4" in message
@@ -402,7 +404,7 @@ def test_skipping_off_changes_no_figure_and_stops_at_a_non_finite_loss(one_epoch
   ckpt_digest = _tree_digest(os.path.join(workdir, "checkpoints"))
   _poison(monkeypatch, 1.0, [])
   config.num_epochs = 2
-  with pytest.raises(train.RunError) as e:
+  with pytest.raises(run_lib.RunError) as e:
     train.train_and_evaluate(config, workdir)
   message = str(e.value)
   assert "skip_nonfinite='off'" in message and "last checkpoint, step 46, is intact" in message
@@ -419,7 +421,7 @@ def test_unchecked_nan_gradients_stop_the_run_before_any_checkpoint_holds_them(
   ckpt_digest = _tree_digest(os.path.join(workdir, "checkpoints"))
   _nan_gradients(monkeypatch)
   config.num_epochs = 2
-  with pytest.raises(train.RunError) as e:
+  with pytest.raises(run_lib.RunError) as e:
     train.train_and_evaluate(config, workdir)
   message = str(e.value)
   assert "parameters became non-finite in epoch 2" in message

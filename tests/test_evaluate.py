@@ -10,6 +10,7 @@ from scipy import stats
 
 from conftest import tiny_digits_config
 from jaxvae import data, distributions, evaluate, models, objectives, parallel
+from jaxvae import run as run_lib
 from jaxvae import train as train_lib
 
 
@@ -18,7 +19,7 @@ def trained(tmp_path_factory):
   """A tiny digits VAE trained for a few epochs, restored from its workdir."""
   workdir = tmp_path_factory.mktemp("digits")
   train_lib.train_and_evaluate(tiny_digits_config(num_epochs=6), str(workdir))
-  return train_lib.restore_run(str(workdir))
+  return run_lib.restore_run(str(workdir))
 
 
 # ----------------------------------------------------------------------------- IWAE

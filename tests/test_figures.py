@@ -11,6 +11,7 @@ from PIL import Image
 
 from conftest import tiny_digits_config
 from jaxvae import figures, sample
+from jaxvae import run as run_lib
 from jaxvae import train as train_lib
 
 
@@ -35,7 +36,7 @@ def test_training_draws_every_figure_at_its_declared_size(run_dir):
 
 
 def test_redrawing_from_the_checkpoint_overwrites_the_same_files(run_dir):
-  run = train_lib.restore_run(str(run_dir))
+  run = run_lib.restore_run(str(run_dir))
   paths = figures.draw_training_figures(str(run_dir), run.model, run.state.params, run.dataset,
                                         run.config, run.keys.eval)
   assert sorted(p.rsplit("/", 1)[1] for p in paths) == sorted(f"{n}.png" for n in figures.FIGSIZES)

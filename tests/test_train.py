@@ -13,7 +13,8 @@ import pytest
 from configs import cifar10
 from conftest import CIFAR10_TGZ, REPO, needs, tiny_digits_config
 from jaxvae import config as config_lib
-from jaxvae import data, evaluate, models, parallel
+from jaxvae import data, evaluate, models, optim, parallel
+from jaxvae import state as state_lib
 from jaxvae import train as train_lib
 
 
@@ -121,9 +122,9 @@ def test_paper_config_lowers_test_elbo_on_real_cifar10_in_300_steps():
   ds = data.load(config.data)
   mesh = parallel.make_mesh()
   model = models.make_model(config.model, ds.image_shape)
-  tx = train_lib.make_optimizer(config.optimizer)
-  keys = train_lib.Keys.from_seed(0)
-  state = train_lib.init_state(model, tx, keys.init, ds.image_shape)
+  tx = optim.make_optimizer(config.optimizer)
+  keys = state_lib.Keys.from_seed(0)
+  state = state_lib.init_state(model, tx, keys.init, ds.image_shape)
   assert models.count_params(state.params) == 3_543_552
   config.eval.batch_size = 1000
   evaluator = evaluate.Evaluator(model, config, data.Split(ds.test.images[:2000], ds.test.labels[:2000]),

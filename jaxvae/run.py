@@ -1,0 +1,160 @@
+"""A run on disk: its workdir, config.json, metrics.jsonl, and restoring it for the commands.
+
+WORKDIR holds what a run writes (`RUN_FILES`); process 0 writes them, once. `prepare_workdir`
+checks a workdir before any compute, `restore_run` rebuilds a trained run from it for the
+evaluate, figures and sample commands. Training sits above this module, so nothing here
+imports it back.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+
+from jaxvae import checkpoint, data, models, optim, parallel
+from jaxvae import config as config_lib
+from jaxvae.state import Keys, TrainState, init_state
+
+
+def append_jsonl(path: str, row: dict) -> None:
+  if not parallel.is_primary():  # a run's files are written once, by process 0
+    return
+  with open(path, "a") as f:
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def truncate_metrics(path: str, last_epoch: int) -> int:
+  """Drops rows past the restored epoch (written before a kill cut their checkpoint short);
+  returns how many, as they will be written again."""
+  if not parallel.is_primary() or not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  rows = [line for line in lines if json.loads(line)["epoch"] <= last_epoch]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(rows)
+  os.replace(tmp, path)
+  return len(lines) - len(rows)
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+class RunError(RuntimeError):
+  """A run that cannot start or go on; the message says why and what to do."""
+
+
+# What a run writes in its workdir; --overwrite deletes exactly these.
+RUN_FILES = ("config.json", "config_changes.jsonl", "metrics.jsonl", "checkpoints",
+             "bad_checkpoints", "figures")
+
+
+def prepare_workdir(workdir: str, config_json: dict, overwrite: bool) -> dict:
+  """Checks WORKDIR before any compute; returns the allowed config changes of a resumed run.
+
+  Refuses a workdir that cannot be written, or one holding a run whose frozen config keys
+  differ or cannot be read, unless `overwrite`, which deletes that run's files first.
+  """
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):  # permissions alone miss read-only mounts
+      pass
+  except OSError as e:
+    raise RunError(f"--workdir={workdir} cannot be written ({e.strerror}); choose a directory "
+                   "you can write to") from None
+  present = [name for name in RUN_FILES if os.path.exists(os.path.join(workdir, name))]
+  if present and overwrite:
+    for name in present if parallel.is_primary() else ():
+      path = os.path.join(workdir, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    print(f"--overwrite: deleted {', '.join(present)} of the previous run in {workdir}",
+          flush=True)
+    return {}
+  if not present:
+    return {}
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise RunError(f"{workdir} holds {', '.join(present)} but no readable config.json ({e}), so "
+                   "this config cannot be checked against its run; choose another --workdir, or "
+                   "pass --overwrite to delete that run") from None
+  frozen, allowed = config_lib.resume_changes(saved, config_json)
+  if frozen:
+    listed = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in frozen.items())
+    raise RunError(
+        f"{workdir} holds a run of another config ({listed}). A resumed run may change only "
+        f"{', '.join(config_lib.RESUMABLE_KEYS)}. Rerun with the run's own values to resume it, "
+        "choose another --workdir, or pass --overwrite to delete that run and start over")
+  return allowed
+
+
+def write_config(workdir: str, config_json: dict) -> None:
+  """Writes config.json atomically: a kill mid-write must not leave a run unresumable."""
+  if not parallel.is_primary():
+    return
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(config_json, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run restored from its workdir, ready for evaluation and figures."""
+  config: ml_collections.ConfigDict
+  dataset: data.Dataset
+  model: models.VAE
+  state: TrainState
+  keys: Keys
+  progress: dict  # epoch, step_in_epoch of the restored checkpoint
+
+
+def restore_run(workdir: str, step: int | None = None) -> Run:
+  """Rebuilds the model and data of WORKDIR from its config.json and restores a checkpoint
+  (the latest unless `step` is given)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} holds no config.json; is it a jaxvae run's --workdir?")
+  with open(path) as f:
+    saved = json.load(f)
+  # Laid over today's defaults, so a run saved before a key existed still restores.
+  config = config_lib.base_config()
+  known = config_lib.flatten(config.to_dict())
+  config.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in config_lib.flatten(saved).items() if k in known})
+  ds = data.load(config.data)
+  model = models.make_model(config.model, ds.image_shape)
+  keys = Keys.from_seed(config.seed)
+  template = {"state": jax.eval_shape(
+      lambda: init_state(model, optim.make_optimizer(config.optimizer), keys.init, ds.image_shape)),
+              "keys": keys.as_dict()}
+  manager = checkpoint.make_manager(workdir, config.checkpoint.keep)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint; train first")
+  tree, progress = checkpoint.restore(manager, step, template,
+                                      parallel.replicated(parallel.make_mesh()))
+  manager.close()
+  return Run(config, ds, model, tree["state"], Keys(**tree["keys"]), progress)
+
+
+def restore_run_for_command(argv: list[str], workdir: str) -> Run:
+  """`restore_run` for the evaluate, figures and sample commands: refuses stray arguments and,
+  unless --verbosity is given, quiets orbax, which logs every file it reads at INFO."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  return restore_run(workdir)
+
+
