@@ -23,6 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.num_epochs = 10                # epochs to reach; a resumed run continues up to this
+  c.num_steps = 0                  # optimizer steps to reach instead of num_epochs (0: epochs)
   c.batch_size = 32                # global batch, split over devices
 
   c.data = ml_collections.ConfigDict()
@@ -60,6 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
                                         # the run; fastest)
 
   c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0           # evaluate (and write a metrics row) every N steps; 0: at
+                                   # each epoch's end. The run's last step is always evaluated
   c.eval.batch_size = 1000         # test-split batch; the split is padded, never truncated
   c.eval.iw_samples = 1000         # K of the IWAE bound in `python -m jaxvae.evaluate`
   c.eval.iw_batch_size = 10        # IWAE: images per step; iw_batch_size * iw_chunk decoded at once
@@ -67,13 +70,15 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.log = ml_collections.ConfigDict()
   c.log.chunks_per_epoch = 10      # compiled calls per epoch; the progress bar moves between
-  c.log.progress = True            # progress bar on stderr when it is a terminal
+  c.log.progress = True            # tqdm progress bar on stderr when it is a terminal
+  c.log.tensorboard = True         # also write metrics and images to WORKDIR/tensorboard/
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_epochs = 1    # also saved at the end of the run
+  c.checkpoint.every = 1           # save at every N-th evaluation (epoch, or eval.every_steps);
+                                   # also at the end of the run and on SIGINT/SIGTERM
   c.checkpoint.keep = 3            # the latest N, plus the best by test ELBO
 
-  c.figures_every = 0              # also draw figures every N epochs (0: at the end only)
+  c.figures_every = 0              # also draw figures at every N-th evaluation (0: at the end only)
   return c
 
 
@@ -91,14 +96,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first key whose value cannot run."""
   for key in ("num_epochs", "batch_size", "model.latent_dim", "objective.num_samples",
               "eval.batch_size", "eval.iw_samples", "eval.iw_batch_size", "eval.iw_chunk",
-              "log.chunks_per_epoch", "checkpoint.every_epochs",
+              "log.chunks_per_epoch", "checkpoint.every",
               "checkpoint.keep", "optimizer.max_consecutive_skips"):
     value = c
     for part in key.split("."):
       value = value[part]
     _positive(value, key)
-  if c.figures_every < 0:
-    raise ConfigError(f"config.figures_every={c.figures_every} must be >= 0")
+  for key, value in (("figures_every", c.figures_every), ("num_steps", c.num_steps),
+                     ("eval.every_steps", c.eval.every_steps)):
+    if value < 0:
+      raise ConfigError(f"config.{key}={value} must be >= 0 (0 turns it off)")
   _choice(c.data.source, data.SOURCES, "data.source")
   _choice(c.data.binarize, data.BINARIZATIONS, "data.binarize")
   _choice(c.model.arch, models.ARCHITECTURES, "model.arch")
@@ -132,7 +139,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 # Keys a resumed run may change: they steer how long it runs, what it logs and evaluates, and
 # how it checkpoints, never the trajectory of the parameters. All other keys are frozen.
-RESUMABLE_KEYS = ("num_epochs", "figures_every", "log", "eval", "checkpoint", "data.cache_dir",
+RESUMABLE_KEYS = ("num_epochs", "num_steps", "figures_every", "log", "eval", "checkpoint", "data.cache_dir",
                   "optimizer.max_consecutive_skips")
 _ABSENT = "<absent>"
 

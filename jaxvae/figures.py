@@ -35,6 +35,7 @@ FIGSIZES = {  # inches (width, height)
     "interpolation_spherical": (12, 4.7),
     "latent_traversals": (10, 8.5),
     "kl_per_dim": (10, 4.5),
+    "data": (10, 5.6),
 }
 NUM_RECONSTRUCTIONS = 10
 PRIOR_GRID = 8          # an 8 x 8 grid of prior samples
@@ -216,6 +217,37 @@ def plot_kl_per_dim(kl: np.ndarray, variance: np.ndarray, out_dir: str, title: s
   ax.legend()
   ax.set_title(title)
   return _save(fig, out_dir, "kl_per_dim")
+
+
+def plot_data_preview(ds: data.Dataset, out_dir: str, rows: int = 4, cols: int = 8) -> str:
+  """Paper Figure 14: the first training images of each class in turn, labelled (figures/data.png)."""
+  shown = _spread(ds.train.labels, rows * cols)
+  fig, axes = plt.subplots(rows, cols, figsize=FIGSIZES["data"], layout="constrained")
+  for ax, i in zip(axes.flat, shown):
+    image = ds.train.images[i].astype(np.float32) / 255.0
+    ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1,
+              interpolation="nearest")
+    ax.set_title(ds.class_names[ds.train.labels[i]], fontsize=8)
+    ax.axis("off")
+  for ax in list(axes.flat)[len(shown):]:
+    ax.axis("off")
+  fig.suptitle(f"{ds.name}: training images and their labels "
+               f"({len(ds.train.images)} train, {len(ds.test.images)} test)")
+  return _save(fig, out_dir, "data")
+
+
+def tensorboard_images(model, params, ds: data.Dataset, config, key) -> dict[str, np.ndarray]:
+  """What TensorBoard shows at each evaluation, f32[N, H, W, C] in [0, 1] each: test images
+  beside their reconstructions from the posterior mean, and prior samples (the eval `key`)."""
+  streams = evaluate.stream_keys(key)
+  shown = _spread(ds.test.labels, NUM_RECONSTRUCTIONS)
+  originals, x = evaluate.model_inputs(ds.test.images[shown], shown, streams.binarize,
+                                       config.data.binarize)
+  recon = sample.reconstruct_mean(model, params, x)
+  prior = sample.prior_samples(model, params, jax.random.split(streams.figures, 3)[1],
+                               NUM_RECONSTRUCTIONS)
+  return {"test_and_reconstruction": np.concatenate([originals, recon], axis=2),
+          "prior_samples": np.asarray(prior)}
 
 
 def draw_training_figures(workdir, model, params, ds: data.Dataset, config, key) -> list[str]:

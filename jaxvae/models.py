@@ -247,3 +247,13 @@ def init_params(model: VAE, rng: jax.Array, image_shape: Sequence[int]):
 
 def count_params(params) -> int:
   return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+def summary(model: VAE, image_shape: Sequence[int]) -> str:
+  """A Table-1-style summary of the encoder and decoder layers: each layer's input and output
+  shapes and parameters, and the total (flax's tabulate, plain text)."""
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  table = nn.tabulate(model, jax.random.key(0), depth=2, compute_flops=False,
+                      console_kwargs={"width": 120, "force_terminal": False, "no_color": True,
+                                      "force_jupyter": False})(x)
+  return table.rstrip()

@@ -30,21 +30,6 @@ def append_jsonl(path: str, row: dict) -> None:
     os.fsync(f.fileno())
 
 
-def truncate_metrics(path: str, last_epoch: int) -> int:
-  """Drops rows past the restored epoch (written before a kill cut their checkpoint short);
-  returns how many, as they will be written again."""
-  if not parallel.is_primary() or not os.path.exists(path):
-    return 0
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  rows = [line for line in lines if json.loads(line)["epoch"] <= last_epoch]
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(rows)
-  os.replace(tmp, path)
-  return len(lines) - len(rows)
-
-
 def config_to_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
@@ -54,8 +39,8 @@ class RunError(RuntimeError):
 
 
 # What a run writes in its workdir; --overwrite deletes exactly these.
-RUN_FILES = ("config.json", "config_changes.jsonl", "metrics.jsonl", "checkpoints",
-             "bad_checkpoints", "figures")
+RUN_FILES = ("config.json", "config_changes.jsonl", "metrics.jsonl", "model.txt", "tensorboard",
+             "checkpoints", "bad_checkpoints", "figures")
 
 
 def prepare_workdir(workdir: str, config_json: dict, overwrite: bool) -> dict:
@@ -98,14 +83,74 @@ def prepare_workdir(workdir: str, config_json: dict, overwrite: bool) -> dict:
   return allowed
 
 
-def write_config(workdir: str, config_json: dict) -> None:
-  """Writes config.json atomically: a kill mid-write must not leave a run unresumable."""
+def write_text(workdir: str, name: str, text: str) -> None:
+  """Writes WORKDIR/name atomically (process 0): a kill mid-write leaves the old file whole."""
   if not parallel.is_primary():
     return
-  path = os.path.join(workdir, "config.json")
+  path = os.path.join(workdir, name)
   with open(path + ".tmp", "w") as f:
-    json.dump(config_json, f, indent=2)
+    f.write(text)
   os.replace(path + ".tmp", path)
+
+
+def record_config(workdir: str, config_json: dict, changes: dict, step: int, epoch: int) -> None:
+  """Writes config.json and logs the allowed changes a resumed run made to it (at `step`)."""
+  if changes:
+    print("config changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}"
+                                                   for k, (a, b) in changes.items()), flush=True)
+    append_jsonl(os.path.join(workdir, "config_changes.jsonl"),
+                 {"step": step, "epoch": epoch,
+                  "changes": {k: list(v) for k, v in changes.items()}})
+  write_text(workdir, "config.json", json.dumps(config_json, indent=2))
+
+
+class MetricsLog:
+  """A run's metrics rows: WORKDIR/metrics.jsonl, the source of truth, and with `tensorboard`
+  the same scalars (and images) as TensorBoard events in WORKDIR/tensorboard/. Process 0 writes;
+  elsewhere every method does nothing."""
+
+  def __init__(self, workdir: str, tensorboard: bool):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tensorboard = tensorboard and parallel.is_primary()
+    self._writer = None
+    if self.tensorboard:
+      # flax's writer (tf.summary underneath): no dependency beyond the TensorFlow that TFDS
+      # already needs, and the event files the Flax examples write.
+      from flax.metrics import tensorboard as flax_tensorboard
+      self._writer = flax_tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, row: dict) -> None:
+    """Appends `row` (with "step") to metrics.jsonl, then its numbers to TensorBoard."""
+    append_jsonl(self.path, row)
+    if self._writer is not None:
+      for key, value in row.items():
+        if key != "step" and isinstance(value, (int, float)):
+          self._writer.scalar(key, value, row["step"])
+      self._writer.flush()
+
+  def images(self, step: int, images: dict) -> None:
+    """images: {name: f32[N, H, W, C] in [0, 1]}, one TensorBoard image grid each."""
+    if self._writer is not None:
+      for name, grid in images.items():
+        self._writer.image(name, grid, step, max_outputs=len(grid))
+      self._writer.flush()
+
+  def truncate(self, last_step: int) -> int:
+    """Drops rows past the restored step (written before a kill cut their checkpoint short);
+    returns how many, as they will be written again."""
+    if not parallel.is_primary() or not os.path.exists(self.path):
+      return 0
+    with open(self.path) as f:
+      lines = [line for line in f if line.strip()]
+    rows = [line for line in lines if json.loads(line)["step"] <= last_step]
+    with open(self.path + ".tmp", "w") as f:
+      f.writelines(rows)
+    os.replace(self.path + ".tmp", self.path)
+    return len(lines) - len(rows)
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
 
 
 @dataclasses.dataclass

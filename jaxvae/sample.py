@@ -31,6 +31,13 @@ def decode_mean(model: models.VAE, params, z: jax.Array) -> jax.Array:
   return images.reshape(z.shape[:-1] + images.shape[1:])
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def reconstruct_mean(model: models.VAE, params, x: jax.Array) -> jax.Array:
+  """x f32[B, H, W, C] -> the mean of p(x|z) at z = the posterior mean, f32[B, H, W, C]."""
+  mean, _ = model.apply(params, x, method=models.VAE.encode)
+  return decode_mean(model, params, mean)
+
+
 def prior_samples(model: models.VAE, params, key: jax.Array, num: int,
                   temperature: float = 1.0) -> jax.Array:
   """Decoded draws z ~ N(0, temperature^2 I): f32[num, H, W, C]."""

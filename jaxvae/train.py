@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+import tqdm
 
 from jaxvae import checkpoint, data, evaluate, figures, models, objectives, optim, parallel
 from jaxvae import run as run_lib
@@ -117,41 +118,24 @@ def compiler_options(mesh) -> dict:
 
 
 def epoch_batches(shuffle_key: jax.Array, epoch: int, num_examples: int, batch_size: int,
-                  start: int, chunk_steps: int) -> tuple[jax.Array, jax.Array]:
-  """The epoch's batches from step `start` on, padded to whole chunks.
+                  start: int, chunk_steps: int, stop: int | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+  """The epoch's batches from step `start` up to step `stop` (default: the epoch's end),
+  padded to whole chunks.
 
   Returns batch_idx int32[num_chunks, chunk_steps, batch_size] and valid bool[num_chunks,
   chunk_steps]. The last partial batch of each epoch is dropped (its images differ per epoch).
   """
   steps = num_examples // batch_size
+  stop = steps if stop is None else stop
   perm = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), num_examples)
-  idx = perm[: steps * batch_size].reshape(steps, batch_size)[start:]
-  num_chunks = math.ceil((steps - start) / chunk_steps)
-  pad = num_chunks * chunk_steps - (steps - start)
+  idx = perm[: steps * batch_size].reshape(steps, batch_size)[start:stop]
+  num_chunks = math.ceil((stop - start) / chunk_steps)
+  pad = num_chunks * chunk_steps - (stop - start)
   idx = jnp.pad(idx, ((0, pad), (0, 0)))
-  valid = jnp.arange(num_chunks * chunk_steps) < steps - start
+  valid = jnp.arange(num_chunks * chunk_steps) < stop - start
   return (idx.reshape(num_chunks, chunk_steps, batch_size).astype(jnp.int32),
           valid.reshape(num_chunks, chunk_steps))
-
-
-class _Progress:
-  """A one-line progress bar on stderr, drawn only when stderr is a terminal (of process 0)."""
-
-  def __init__(self, enabled: bool, total: int, label: str):
-    self.enabled = enabled and sys.stderr.isatty() and parallel.is_primary()
-    self.total, self.label, self.start = total, label, time.time()
-
-  def update(self, done: int, loss: float):
-    if self.enabled:
-      frac = done / self.total
-      bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-      sys.stderr.write(f"\r{self.label} [{bar}] {done}/{self.total} loss {loss:.2f} "
-                       f"{time.time() - self.start:.0f}s")
-      sys.stderr.flush()
-
-  def close(self):
-    if self.enabled:
-      sys.stderr.write("\n")
 
 
 class _StopRequest:
@@ -192,19 +176,6 @@ def _add_chunk(sums: dict, chunk_sums) -> dict:
           for k in ("max_skips", "nonfinite_loss_steps", "stop", "params_finite")}
 
 
-def _read_chunk(chunk_sums, sums: dict, bar: "_Progress", config, epoch: int, manager) -> int:
-  """Adds a chunk's sums to the epoch's, moves the bar, stops the run if the chunk says so
-  (see `_chunk_error`); returns the chunk's `stop` signal number."""
-  seen = _add_chunk(sums, chunk_sums)
-  applied = sums["steps"] - sums["skipped_steps"]
-  bar.update(int(sums["steps"]), sums["loss"] / max(applied, 1))
-  error = _chunk_error(seen, config, epoch, manager.latest_step())
-  if error:
-    bar.close()
-    raise run_lib.RunError(error)
-  return seen["stop"]
-
-
 def _chunk_error(seen: dict, config, epoch: int, last_good_step) -> str | None:
   """Why the run must stop after a chunk, if it must: too many skipped steps in a row,
   non-finite parameters, or, with skipping off, any non-finite loss."""
@@ -230,6 +201,20 @@ def _chunk_error(seen: dict, config, epoch: int, last_good_step) -> str | None:
   return None
 
 
+def _read_chunk(run: "_Run", chunk_sums, sums: dict, bar, epoch: int) -> int:
+  """Adds a chunk's sums to the period's, moves the bar, stops the run if the chunk says so
+  (see `_chunk_error`); returns the chunk's `stop` signal number."""
+  seen = _add_chunk(sums, chunk_sums)
+  applied = sums["steps"] - sums["skipped_steps"]
+  bar.update(int(sums["steps"]) - bar.n)
+  bar.set_postfix(loss=f"{sums['loss'] / max(applied, 1):.2f}", refresh=False)
+  error = _chunk_error(seen, run.config, epoch, run.manager.latest_step())
+  if error:
+    bar.close()
+    raise run_lib.RunError(error)
+  return seen["stop"]
+
+
 @dataclasses.dataclass
 class TrainResult:
   state: TrainState
@@ -238,21 +223,72 @@ class TrainResult:
   stopped_by: str | None = None  # the signal that stopped the run early ("SIGTERM"), if any
 
 
+@dataclasses.dataclass
+class _Run:
+  """What a run fixes before its first step."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  ds: data.Dataset
+  model: models.VAE
+  tx: optax.GradientTransformation
+  steps_per_epoch: int
+  chunk_steps: int   # steps per compiled call; every call has this shape
+  end_step: int      # the run is done when state.step reaches it
+  manager: "checkpoint.ocp.CheckpointManager"
+  log: run_lib.MetricsLog
+  config_json: dict
+  changes: dict      # the allowed config changes of a resumed run
+
+  def eval_every(self) -> int:
+    """Steps between evaluations (and metrics rows): eval.every_steps, or one epoch."""
+    return self.config.eval.every_steps or self.steps_per_epoch
+
+  def epoch_of(self, step: int) -> int | float:
+    """Epochs done at `step`: an int at an epoch's end, else a fraction."""
+    epochs = step / self.steps_per_epoch
+    return int(epochs) if step % self.steps_per_epoch == 0 else round(epochs, 4)
+
+  def progress(self, step: int, sums: dict) -> dict:
+    """A checkpoint's `progress`: the position of `step` and the period's partial sums."""
+    return {"epoch": step // self.steps_per_epoch, "step_in_epoch": step % self.steps_per_epoch,
+            "sums": sums}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        overwrite: bool = False) -> TrainResult:
-  """Trains to `config.num_epochs`, evaluating each epoch, resuming from WORKDIR if it can.
+  """Trains to `config.num_steps` (or `config.num_epochs`), evaluating every epoch (or every
+  `eval.every_steps`), resuming from WORKDIR if it can.
 
-  SIGINT/SIGTERM stop the run at the next chunk boundary with a checkpoint (mid-epoch ones
-  hold the epoch's position and partial sums, so resuming stays exact); the result's
-  `stopped_by` names the signal. `overwrite` deletes a previous run of another config.
+  SIGINT/SIGTERM stop the run at the next chunk boundary with a checkpoint (mid-period ones
+  hold the position and partial sums, so resuming stays exact); the result's `stopped_by`
+  names the signal. `overwrite` deletes a previous run of another config.
   """
+  run = _prepare(config, workdir, overwrite)
+  try:
+    state, keys, sums = _restore_or_init(run)
+    train_chunk = make_train_chunk(make_train_step(run.model, run.tx, config), run.mesh)
+    evaluator = evaluate.Evaluator(run.model, config, run.ds.test, run.mesh)
+    with _StopRequest() as stop:
+      state, history, stop_signum = _train_loop(run, state, keys, sums, train_chunk, evaluator,
+                                                stop)
+  finally:
+    run.manager.wait_until_finished()  # an error must not cut the last good checkpoint short
+    run.manager.close()
+    run.log.close()
+  stopped_by = _report_stop(run, int(state.step), stop_signum)
+  return TrainResult(state, history, {"train_chunk": train_chunk._cache_size(),
+                                      "evaluate": evaluator.cache_size()}, stopped_by)
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> _Run:
+  """Checks the config and WORKDIR, loads the data and builds the model, before any step."""
   config_lib.validate(config)
   config_json = run_lib.config_to_json(config)
   changes = run_lib.prepare_workdir(workdir, config_json, overwrite)
   parallel.barrier("workdir prepared")  # no process reads a workdir that --overwrite empties
   mesh = parallel.make_mesh()
   parallel.check_batch_divides(config.batch_size, mesh)
-
   ds = data.load(config.data)
   data.check_pixels_fit(ds, config.model.likelihood, config.data.binarize)
   num_train = len(ds.train.images)
@@ -261,120 +297,155 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise config_lib.ConfigError(f"config.batch_size={config.batch_size} exceeds the "
                                  f"{num_train} training images; lower it")
   chunks = min(config.log.chunks_per_epoch, steps_per_epoch)
-  chunk_steps = math.ceil(steps_per_epoch / chunks)
-
   model = models.make_model(config.model, ds.image_shape)
-  tx = optim.make_optimizer(config.optimizer)
-  replicated = parallel.replicated(mesh)
+  return _Run(config, workdir, mesh, ds, model, optim.make_optimizer(config.optimizer),
+              steps_per_epoch, math.ceil(steps_per_epoch / chunks),
+              config.num_steps or config.num_epochs * steps_per_epoch,
+              checkpoint.make_manager(workdir, config.checkpoint.keep, config_json),
+              run_lib.MetricsLog(workdir, config.log.tensorboard), config_json, changes)
+
+
+def _restore_or_init(run: _Run) -> tuple[TrainState, Keys, dict]:
+  """The latest checkpoint's state, keys and partial sums, or a fresh start (which also
+  writes the model summary and the data preview)."""
+  config, mesh, shape = run.config, run.mesh, run.ds.image_shape
   # Replicated over the mesh, like the state: orbax saves only global arrays in a multi-process run.
   keys = Keys(**parallel.replicate(Keys.from_seed(config.seed).as_dict(), mesh))
-
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  manager = checkpoint.make_manager(workdir, config.checkpoint.keep, config_json)
-  template = {"state": jax.eval_shape(lambda: init_state(model, tx, keys.init, ds.image_shape)),
+  template = {"state": jax.eval_shape(lambda: init_state(run.model, run.tx, keys.init, shape)),
               "keys": keys.as_dict()}
-  restored = checkpoint.restore_latest(manager, template, replicated)
+  restored = checkpoint.restore_latest(run.manager, template, parallel.replicated(mesh))
   if restored is None:
-    state = parallel.replicate(init_state(model, tx, keys.init, ds.image_shape), mesh)
-    progress = {"epoch": 0, "step_in_epoch": 0, "sums": {}}
+    state, sums = parallel.replicate(init_state(run.model, run.tx, keys.init, shape), mesh), {}
+    summary = models.summary(run.model, shape)
+    print(summary, flush=True)
+    run_lib.write_text(run.workdir, "model.txt", summary + "\n")
+    if parallel.is_primary():
+      figures.plot_data_preview(run.ds, os.path.join(run.workdir, "figures"))
   else:
     _, tree, progress = restored
-    state, keys = tree["state"], Keys(**tree["keys"])
-    where = (f"step {progress['step_in_epoch']} of epoch {progress['epoch'] + 1}"
-             if progress["step_in_epoch"] else f"the end of epoch {progress['epoch']}")
-    print(f"resumed from step {int(state.step)}, {where}", flush=True)
-  dropped = run_lib.truncate_metrics(metrics_path, progress["epoch"])
+    state, keys, sums = tree["state"], Keys(**tree["keys"]), progress["sums"]
+    print(f"resumed from step {int(state.step)}, {_where(run, int(state.step))}", flush=True)
+  step = int(state.step)
+  dropped = run.log.truncate(step)
   if dropped:
-    print(f"dropped {dropped} metrics.jsonl rows past epoch {progress['epoch']}, the last "
-          "checkpointed; their epochs run again", flush=True)
-  if changes:
-    print("config changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}"
-                                                   for k, (a, b) in changes.items()), flush=True)
-    run_lib.append_jsonl(os.path.join(workdir, "config_changes.jsonl"),
-                  {"step": int(state.step), "epoch": progress["epoch"],
-                   "changes": {k: list(v) for k, v in changes.items()}})
-  run_lib.write_config(workdir, config_json)
+    print(f"dropped {dropped} metrics.jsonl rows past step {step}, the last checkpointed; "
+          "their steps run again", flush=True)
+  run_lib.record_config(run.workdir, run.config_json, run.changes, step,
+                        step // run.steps_per_epoch)
+  return state, keys, sums
 
-  train_chunk = make_train_chunk(make_train_step(model, tx, config), mesh)
-  evaluator = evaluate.Evaluator(model, config, ds.test, mesh)
-  history = []
-  stop = _StopRequest()
-  stop_signum = 0  # the signal of any process, as read from the chunks (see make_train_chunk)
-  try:
-    with stop:
-      print(f"training epochs {progress['epoch'] + 1}..{config.num_epochs} in {workdir}; "
-            "Ctrl-C or SIGTERM saves a checkpoint and stops", flush=True)
-      for epoch in range(progress["epoch"], config.num_epochs):
-        start_step = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
-        sums = dict(progress["sums"]) if start_step else {}
-        t0 = time.time()
-        idx, valid = jax.device_get(epoch_batches(keys.shuffle, epoch, num_train,
-                                                  config.batch_size, start_step, chunk_steps))
-        bar = _Progress(config.log.progress, steps_per_epoch,
-                        f"epoch {epoch + 1}/{config.num_epochs}")
-        # One chunk runs on device while the host reads the one before. Whether to send the
-        # next chunk depends only on chunks read so far, the same ones on every process.
-        pending = []
-        for i in range(idx.shape[0]):
-          if stop_signum:
-            break
-          batches = parallel.gather_batches(ds.train.images, idx[i], mesh)
-          state, chunk_sums = train_chunk(state, batches, valid[i], keys.train,
-                                          parallel.signal_array(stop.signum or 0, mesh))
-          pending.append(chunk_sums)
-          while len(pending) > (0 if i == idx.shape[0] - 1 else 1):
-            signum = _read_chunk(pending.pop(0), sums, bar, config, epoch, manager)
-            stop_signum = stop_signum or signum
-        while pending:  # after a stop: the chunk still in flight
-          signum = _read_chunk(pending.pop(0), sums, bar, config, epoch, manager)
-          stop_signum = stop_signum or signum
-        bar.close()
-        done = int(sums["steps"])
-        if done < steps_per_epoch:  # stopped by a signal mid-epoch
-          progress = {"epoch": epoch, "step_in_epoch": done, "sums": sums}
-          checkpoint.save(manager, int(state.step), {"state": state, "keys": keys.as_dict()},
-                          progress)
-          break
-        train_seconds = time.time() - t0
-        applied = sums["steps"] - sums["skipped_steps"]
-        row = {"epoch": epoch + 1, "step": int(state.step)}
-        row.update({f"train/{k}": sums[k] / applied if applied else float("nan")
-                    for k in TRAIN_SUM_KEYS})
-        row["train/skipped_steps"] = int(sums["skipped_steps"])
-        row["train/seconds"] = train_seconds
-        row["train/images_per_s"] = ((steps_per_epoch - start_step) * config.batch_size
-                                     / train_seconds)
-        t1 = time.time()
-        row.update({f"test/{k}": v for k, v in evaluator(state.params, keys.eval).items()})
-        row["test/seconds"] = time.time() - t1
-        run_lib.append_jsonl(metrics_path, row)  # before the checkpoint: a kill in between replays the epoch
-        history.append(row)
-        print(_summary(row), flush=True)
-        progress = {"epoch": epoch + 1, "step_in_epoch": 0, "sums": {}}
-        last = epoch + 1 == config.num_epochs
-        if last or stop_signum or (epoch + 1) % config.checkpoint.every_epochs == 0:
-          checkpoint.save(manager, int(state.step), {"state": state, "keys": keys.as_dict()},
-                          progress, {checkpoint.BEST_METRIC: row[checkpoint.BEST_METRIC]})
-        if parallel.is_primary() and (
-            last or (config.figures_every and (epoch + 1) % config.figures_every == 0)):
-          # Local copies: computing on the global arrays would need every process to join in.
-          figures.draw_training_figures(workdir, model, parallel.local_copy(state.params), ds,
-                                        config, parallel.local_copy(keys.eval))
-        if stop_signum:
-          break
-  finally:
-    manager.wait_until_finished()  # an error must not cut the last good checkpoint short
-    manager.close()
-  finished = progress["epoch"] >= config.num_epochs
-  stopped_by = signal.Signals(stop_signum).name if stop_signum and not finished else None
-  if stopped_by:
-    where = (f"step {progress['step_in_epoch']} of {steps_per_epoch} in epoch "
-             f"{progress['epoch'] + 1}" if progress["step_in_epoch"]
-             else f"the end of epoch {progress['epoch']}")
-    print(f"{stopped_by}: saved checkpoint step {int(state.step)}, {where}, in "
-          f"{workdir}/checkpoints; run the same command again to resume", flush=True)
-  return TrainResult(state, history, {"train_chunk": train_chunk._cache_size(),
-                                      "evaluate": evaluator.cache_size()}, stopped_by)
+
+def _where(run: _Run, step: int) -> str:
+  epoch, k = divmod(step, run.steps_per_epoch)
+  return f"step {k} of {run.steps_per_epoch} in epoch {epoch + 1}" if k else f"the end of epoch {epoch}"
+
+
+def _train_loop(run: _Run, state: TrainState, keys: Keys, sums: dict, train_chunk, evaluator,
+                stop: "_StopRequest") -> tuple[TrainState, list[dict], int]:
+  """Periods of training, each ended by an evaluation and a metrics row, up to `end_step` or
+  a stop signal; returns the state, the rows and the signal (0: none)."""
+  history, stop_signum = [], 0
+  print(f"training steps {int(state.step) + 1}..{run.end_step} in {run.workdir}; Ctrl-C or "
+        "SIGTERM saves a checkpoint and stops", flush=True)
+  while int(state.step) < run.end_step and not stop_signum:
+    start = int(state.step)
+    row_step = min(run.end_step, (start // run.eval_every() + 1) * run.eval_every())
+    t0 = time.time()
+    state, stop_signum = _train_until(run, state, keys, sums, row_step, train_chunk, stop)
+    if int(state.step) < row_step:  # stopped by a signal mid-period
+      checkpoint.save(run.manager, int(state.step), {"state": state, "keys": keys.as_dict()},
+                      run.progress(int(state.step), sums))
+      break
+    seconds = time.time() - t0
+    history.append(_end_period(run, state, keys, sums, int(state.step) - start, seconds,
+                               evaluator, stop_signum))
+    sums = {}
+  return state, history, stop_signum
+
+
+def _train_until(run: _Run, state: TrainState, keys: Keys, sums: dict, row_step: int,
+                 train_chunk, stop: "_StopRequest") -> tuple[TrainState, int]:
+  """Runs the steps from state.step to `row_step` (across epoch ends if need be), adding
+  their metrics into `sums`; returns early after a stop signal. Returns (state, signal)."""
+  config, spe = run.config, run.steps_per_epoch
+  step, stop_signum, pending = int(state.step), 0, []
+  carried = int(sums.get("steps", 0))  # a resumed period's steps before the stop
+  bar = _progress_bar(run, row_step, total=row_step - step + carried, done=carried)
+  # One chunk runs on device while the host reads the one before. Whether to send the next
+  # chunk depends only on chunks read so far, the same ones on every process.
+  while step < row_step and not stop_signum:
+    epoch, k = divmod(step, spe)
+    stop_in_epoch = min(row_step - epoch * spe, spe)
+    idx, valid = jax.device_get(epoch_batches(keys.shuffle, epoch, len(run.ds.train.images),
+                                              config.batch_size, k, run.chunk_steps,
+                                              stop_in_epoch))
+    for i in range(idx.shape[0]):
+      if stop_signum:
+        break
+      batches = parallel.gather_batches(run.ds.train.images, idx[i], run.mesh)
+      state, chunk_sums = train_chunk(state, batches, valid[i], keys.train,
+                                      parallel.signal_array(stop.signum or 0, run.mesh))
+      pending.append(chunk_sums)
+      if len(pending) > 1:
+        stop_signum = stop_signum or _read_chunk(run, pending.pop(0), sums, bar, epoch)
+    step = epoch * spe + stop_in_epoch
+  while pending:  # the chunk still in flight, also after a stop
+    stop_signum = stop_signum or _read_chunk(run, pending.pop(0), sums, bar, epoch)
+  bar.close()
+  return state, stop_signum
+
+
+def _progress_bar(run: _Run, row_step: int, total: int, done: int) -> tqdm.tqdm:
+  """tqdm on stderr, drawn only on a terminal, by process 0, with config.log.progress."""
+  if run.config.eval.every_steps:
+    label = f"steps to {row_step}/{run.end_step}"
+  else:
+    label = f"epoch {row_step // run.steps_per_epoch}/{math.ceil(run.end_step / run.steps_per_epoch)}"
+  enabled = run.config.log.progress and sys.stderr.isatty() and parallel.is_primary()
+  return tqdm.tqdm(total=total, initial=done, desc=label, disable=not enabled, ascii=True,
+                   leave=False, unit="step", dynamic_ncols=True)
+
+
+def _end_period(run: _Run, state: TrainState, keys: Keys, sums: dict, steps_run: int,
+                seconds: float, evaluator, stop_signum: int) -> dict:
+  """Writes the period's metrics row (train means, test metrics) and saves a checkpoint and
+  figures when due; returns the row."""
+  config, step = run.config, int(state.step)
+  applied = sums["steps"] - sums["skipped_steps"]
+  row = {"epoch": run.epoch_of(step), "step": step}
+  row.update({f"train/{k}": sums[k] / applied if applied else float("nan")
+              for k in TRAIN_SUM_KEYS})
+  row["train/skipped_steps"] = int(sums["skipped_steps"])
+  row["train/seconds"] = seconds
+  row["train/images_per_s"] = steps_run * config.batch_size / seconds
+  t0 = time.time()
+  row.update({f"test/{k}": v for k, v in evaluator(state.params, keys.eval).items()})
+  row["test/seconds"] = time.time() - t0
+  run.log.write(row)  # before the checkpoint: a kill in between replays the period
+  print(_summary(row), flush=True)
+  evaluation = math.ceil(step / run.eval_every())  # 1, 2, ... (the last may be partial)
+  last = step >= run.end_step
+  if last or stop_signum or evaluation % config.checkpoint.every == 0:
+    checkpoint.save(run.manager, step, {"state": state, "keys": keys.as_dict()},
+                    run.progress(step, {}), {checkpoint.BEST_METRIC: row[checkpoint.BEST_METRIC]})
+  if parallel.is_primary():
+    # Local copies: computing on the global arrays would need every process to join in.
+    params, key = parallel.local_copy(state.params), parallel.local_copy(keys.eval)
+    if last or (config.figures_every and evaluation % config.figures_every == 0):
+      figures.draw_training_figures(run.workdir, run.model, params, run.ds, config, key)
+    if run.log.tensorboard:
+      run.log.images(step, figures.tensorboard_images(run.model, params, run.ds, config, key))
+  return row
+
+
+def _report_stop(run: _Run, step: int, stop_signum: int) -> str | None:
+  """The name of the signal that stopped an unfinished run, after saying how to resume."""
+  if not stop_signum or step >= run.end_step:
+    return None
+  name = signal.Signals(stop_signum).name
+  print(f"{name}: saved checkpoint step {step}, {_where(run, step)}, in {run.workdir}/checkpoints; "
+        "run the same command again to resume", flush=True)
+  return name
 
 
 def _summary(row: dict) -> str:
@@ -383,4 +454,3 @@ def _summary(row: dict) -> str:
   return (f"epoch {row['epoch']} step {row['step']}: " + ", ".join(parts)
           + f", {row['train/seconds']:.1f}s train ({row['train/images_per_s']:.0f} img/s), "
           f"{row['test/seconds']:.1f}s test")
-

@@ -29,7 +29,7 @@ from tests.conftest import REPO
 ARGS = ["--config=configs/digits.py", "--config.model.hidden=(32,)", "--config.model.latent_dim=4",
         "--config.batch_size=8", "--config.log.chunks_per_epoch=1000", "--config.num_epochs=4"]
 STEPS_PER_EPOCH = 1500 // 8
-_BAR = re.compile(r"epoch (\d+)/\d+ \[[#-]*\] (\d+)/(\d+)")
+_BAR = re.compile(r"epoch (\d+)/\d+: +\d+%\|[^|]*\| *(\d+)/(\d+)")
 
 
 @pytest.fixture(scope="module")
