@@ -9,7 +9,7 @@ import json
 
 import ml_collections
 
-from jaxvae import data, distributions, models
+from jaxvae import data, distributions, models, sprites
 
 
 SKIP_NONFINITE = ("grads", "loss", "off")
@@ -27,11 +27,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 32                # global batch, split over devices
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "tfds"           # tfds | folder | digits
+  c.data.source = "tfds"           # tfds | folder | digits | sprites
   c.data.name = "cifar10"          # the TFDS name (source=tfds)
   c.data.path = ""                 # folder or .tar.gz (source=folder); TFDS data_dir (tfds)
-  c.data.cache_dir = ""            # decoded-folder cache; default ~/.cache/jaxvae
+  c.data.cache_dir = ""            # decoded-folder and sprites cache; default ~/.cache/jaxvae
   c.data.binarize = "none"         # none | threshold | dynamic (Bernoulli draw per batch)
+  c.data.sprites_subsample = 0     # sprites: train on a fixed random n of the 737,280-image
+                                   # grid (test: min(10,000, n) images); 0: the whole grid
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "mlp"             # mlp | conv
@@ -132,6 +134,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.optimizer.grad_clip_norm < 0:
     raise ConfigError(f"config.optimizer.grad_clip_norm={c.optimizer.grad_clip_norm} must be >= 0 "
                       "(0 turns clipping off)")
+  if not 0 <= c.data.sprites_subsample <= sprites.NUM_IMAGES:
+    raise ConfigError(f"config.data.sprites_subsample={c.data.sprites_subsample} must be in "
+                      f"[0, {sprites.NUM_IMAGES}] (0: the whole grid)")
+  if c.data.source == "sprites" and c.model.likelihood != "bernoulli":
+    raise ConfigError(f"config.model.likelihood={c.model.likelihood!r} does not fit "
+                      "data.source='sprites', whose images are binary; set it to 'bernoulli'")
+  if c.data.source == "sprites" and c.data.binarize != "none":
+    raise ConfigError(f"config.data.binarize={c.data.binarize!r}: data.source='sprites' images "
+                      "are already binary; set it to 'none'")
   if c.data.source == "folder" and not c.data.path:
     raise ConfigError("config.data.source='folder' needs config.data.path (a folder laid out "
                       "split/class/*.png, or a .tar.gz of one)")
