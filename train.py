@@ -16,8 +16,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxvae import checkpoint, config, data, parallel
-from jaxvae.run import RunError
+from jaxvae import parallel
+from jaxvae import run as run_lib
 from jaxvae.train import train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
@@ -43,10 +43,7 @@ def main(argv):
                          flags.FLAGS.process_id, auto_detect=flags.FLAGS.distributed):
     if not parallel.is_primary():
       sys.stdout = open(os.devnull, "w")  # process 0 reports for the whole run
-  try:
-    result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.overwrite)
-  except (config.ConfigError, data.DataError, checkpoint.CheckpointError, RunError) as e:
-    sys.exit(f"error: {e}")
+  result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.overwrite)
   if result.stopped_by:
     command = [a for a in sys.argv if a.split("=")[0] not in ("--overwrite", "-overwrite")]
     print(f"to resume: {shlex.join(['python'] + command)}", flush=True)
@@ -54,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(run_lib.exit_on_user_error(main))

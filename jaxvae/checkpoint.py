@@ -63,10 +63,58 @@ def save(manager: ocp.CheckpointManager, step: int, tree, progress: dict,
   arrays = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
   # One array item: orbax 0.12.8 fails ("cannot schedule new futures") on two in a Composite.
   items = {"arrays": ocp.args.StandardSave(arrays), "progress": ocp.args.JsonSave(progress)}
-  metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
-  if not manager.save(step, args=ocp.args.Composite(**items), metrics=metrics):
+  # A save without metrics (a mid-period stop) ranks as the worst (-inf ELBO): on a save with
+  # none at all orbax warns "Requested `tracked_metric`; did not provide metrics".
+  metrics = {k: float(v) for k, v in (metrics or {BEST_METRIC: -float("inf")}).items()}
+  check_saves(manager)
+  try:
+    started = manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
+  except Exception as e:  # orbax writes some items (the metrics) before returning
+    raise _save_failed(manager, e) from None
+  if not started:
     raise CheckpointError(f"orbax declined to save step {step} in {manager.directory}, whose "
                           f"latest step is {manager.latest_step()}; a checkpoint would be lost")
+
+
+def _root_cause(e: BaseException) -> str:
+  """The innermost OSError of an exception chain ("No space left on device: path"), or `e`."""
+  seen = e
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.strerror:
+      return f"{seen.strerror}: {seen.filename}" if seen.filename else seen.strerror
+    seen = seen.__cause__ or seen.__context__
+  return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def _save_failed(manager: ocp.CheckpointManager, e: BaseException) -> CheckpointError:
+  good = [s for s in manager.all_steps(read=True)]
+  last = f"step {max(good)}" if good else "none yet"
+  return CheckpointError(
+      f"saving a checkpoint in {manager.directory} failed ({_root_cause(e)}); the run stopped. "
+      f"The last good checkpoint is {last}: free space (or fix the cause above) and rerun the "
+      "same command to resume from it")
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+  """Raises CheckpointError if a background save has failed (a full disk, say), so the run
+  stops at once rather than training on without checkpoints."""
+  try:
+    manager.check_for_errors()
+  except Exception as e:  # orbax re-raises whatever the writer raised
+    raise _save_failed(manager, e) from None
+
+
+def close(manager: ocp.CheckpointManager, raise_errors: bool = True) -> None:
+  """Finishes the saves in flight and closes the manager; a failed save raises CheckpointError
+  unless `raise_errors` is False (another error is already on its way)."""
+  try:
+    manager.wait_until_finished()
+    manager.check_for_errors()
+  except Exception as e:
+    if raise_errors:
+      raise _save_failed(manager, e) from None
+  finally:
+    manager.close()
 
 
 def _leaf_name(path) -> str:

@@ -17,6 +17,7 @@ import os
 import socket
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 import jax
@@ -267,12 +268,16 @@ def _list_dir(root: Path):
 def _list_archive(root: Path):
   if not tarfile.is_tarfile(root):
     raise DataError(f"{root} is a file but not a tar archive; give a folder or a .tar(.gz) of one")
-  with tarfile.open(root) as tar:
-    for m in tar:
-      rel = m.name[2:] if m.name.startswith("./") else m.name
-      if m.isfile() and (sc := _split_class(rel)):
-        data = tar.extractfile(m).read()
-        yield sc[0], sc[1], f"{root}:{rel}", lambda data=data: data
+  try:
+    with tarfile.open(root) as tar:
+      for m in tar:
+        rel = m.name[2:] if m.name.startswith("./") else m.name
+        if m.isfile() and (sc := _split_class(rel)):
+          data = tar.extractfile(m).read()
+          yield sc[0], sc[1], f"{root}:{rel}", lambda data=data: data
+  except (EOFError, tarfile.TarError, zlib.error, OSError) as e:  # a copy cut short, or damaged
+    raise DataError(f"{root} is damaged or incomplete ({type(e).__name__}: {e}); copy or "
+                    "download it again (compare its size or checksum with the original)") from None
 
 
 def _decode_folder(files, root: Path) -> Dataset:

@@ -116,17 +116,25 @@ def _log_bin_mass(log_cdf, x: jax.Array, mean: jax.Array, log_scale: jax.Array) 
   return jnp.where(x < _HALF_BIN, first, jnp.where(x > 1.0 - _HALF_BIN, last, interior))
 
 
+def _binned_log_prob(log_cdf, x: jax.Array, mean: jax.Array, log_scale: jax.Array) -> jax.Array:
+  """Sums `_log_bin_mass` per example on [B, D] arrays: XLA:CPU runs the elementwise chain
+  about 10x slower on [B, H, W, C] with a minor axis of 3 channels. -> f32[B]."""
+  flat = lambda v: jnp.broadcast_to(v, x.shape).reshape(x.shape[0], -1)
+  return _log_bin_mass(log_cdf, flat(x), flat(mean), flat(log_scale)).sum(axis=-1)
+
+
 def discretized_logistic_log_prob(x: jax.Array, mean: jax.Array,
                                   log_scale: jax.Array) -> jax.Array:
-  """Logistic binned on 8-bit levels (PixelCNN++ style). x: levels k/255. -> f32[B]."""
-  return sum_except_batch(_log_bin_mass(jax.nn.log_sigmoid, x, mean, log_scale))
+  """Logistic binned on 8-bit levels (PixelCNN++ style). x: f32[B, ...] of levels k/255;
+  mean and log_scale broadcastable to it. -> f32[B]."""
+  return _binned_log_prob(jax.nn.log_sigmoid, x, mean, log_scale)
 
 
 def discretized_gaussian_log_prob(x: jax.Array, mean: jax.Array,
                                   log_scale: jax.Array) -> jax.Array:
-  """Gaussian binned on 8-bit levels; a discrete likelihood for a Gaussian decoder. -> f32[B]."""
-  log_scale = jnp.broadcast_to(log_scale, x.shape)
-  return sum_except_batch(_log_bin_mass(log_ndtr, x, mean, log_scale))
+  """Gaussian binned on 8-bit levels; a discrete likelihood for a Gaussian decoder.
+  x: f32[B, ...] of levels k/255; mean and log_scale broadcastable to it. -> f32[B]."""
+  return _binned_log_prob(log_ndtr, x, mean, log_scale)
 
 
 def log_likelihood(kind: str, x: jax.Array, obs: dict) -> jax.Array:

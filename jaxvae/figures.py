@@ -360,4 +360,4 @@ if __name__ == "__main__":  # flags defined only here: train.py, which imports t
   flags.DEFINE_string("workdir", None, "A training run's --workdir (config.json, checkpoints/, "
                       "metrics.jsonl).")
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  app.run(run_lib.exit_on_user_error(main))

@@ -7,9 +7,11 @@ imports it back.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import jax
@@ -36,6 +38,22 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict:
 
 class RunError(RuntimeError):
   """A run that cannot start or go on; the message says why and what to do."""
+
+
+# Bad input of every kind; each message says what was wrong and what to do.
+USER_ERRORS = (config_lib.ConfigError, data.DataError, checkpoint.CheckpointError, RunError)
+
+
+def exit_on_user_error(main):
+  """Wraps a command's `main(argv)`: bad input ends it with one line `error: ...` and exit
+  status 1, never a traceback."""
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      sys.exit(f"error: {e}")
+  return wrapped
 
 
 # What a run writes in its workdir; --overwrite deletes exactly these.
@@ -169,7 +187,8 @@ def restore_run(workdir: str, step: int | None = None) -> Run:
   (the latest unless `step` is given)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{workdir} holds no config.json; is it a jaxvae run's --workdir?")
+    raise RunError(f"{workdir} holds no config.json; give the --workdir of a jaxvae run "
+                   "(train one with train.py first)")
   with open(path) as f:
     saved = json.load(f)
   # Laid over today's defaults, so a run saved before a key existed still restores.
@@ -186,7 +205,8 @@ def restore_run(workdir: str, step: int | None = None) -> Run:
   manager = checkpoint.make_manager(workdir, config.checkpoint.keep)
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint; train first")
+    raise RunError(f"{workdir}/checkpoints holds no checkpoint; train first (or let the run "
+                   "reach its first evaluation)")
   tree, progress = checkpoint.restore(manager, step, template,
                                       parallel.replicated(parallel.make_mesh()))
   manager.close()

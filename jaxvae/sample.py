@@ -114,6 +114,9 @@ def default_zoom(height: int) -> int:
 
 def main(argv):
   f = flags.FLAGS
+  if f.num <= 0 or f.temperature < 0:
+    raise run_lib.RunError(f"--num={f.num} must be positive and --temperature={f.temperature} "
+                           "non-negative")
   run = run_lib.restore_run_for_command(argv, f.workdir)
   images = prior_samples(run.model, run.state.params, jax.random.key(f.seed), f.num, f.temperature)
   zoom = f.zoom or default_zoom(images.shape[1])
@@ -131,4 +134,4 @@ if __name__ == "__main__":  # flags defined only here: train.py, which imports t
   flags.DEFINE_integer("seed", 0, "PRNG seed of the draws.")
   flags.DEFINE_integer("zoom", 0, "Pixel repeat factor; 0 picks one that makes images >= 32 px.")
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  app.run(run_lib.exit_on_user_error(main))

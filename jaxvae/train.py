@@ -212,6 +212,7 @@ def _read_chunk(run: "_Run", chunk_sums, sums: dict, bar, epoch: int) -> int:
   if error:
     bar.close()
     raise run_lib.RunError(error)
+  checkpoint.check_saves(run.manager)
   return seen["stop"]
 
 
@@ -272,9 +273,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with _StopRequest() as stop:
       state, history, stop_signum = _train_loop(run, state, keys, sums, train_chunk, evaluator,
                                                 stop)
+  except BaseException:
+    # An error must not cut the last good checkpoint short, nor be hidden by a failed save.
+    checkpoint.close(run.manager, raise_errors=False)
+    raise
+  else:
+    checkpoint.close(run.manager)
   finally:
-    run.manager.wait_until_finished()  # an error must not cut the last good checkpoint short
-    run.manager.close()
     run.log.close()
   stopped_by = _report_stop(run, int(state.step), stop_signum)
   return TrainResult(state, history, {"train_chunk": train_chunk._cache_size(),

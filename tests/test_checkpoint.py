@@ -4,8 +4,10 @@ real training processes)."""
 import functools
 import gc
 import glob
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -13,6 +15,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from jaxvae import checkpoint, data, models, objectives, optim, parallel, train
@@ -427,3 +430,40 @@ def test_unchecked_nan_gradients_stop_the_run_before_any_checkpoint_holds_them(
   assert "parameters became non-finite in epoch 2" in message
   assert "skip_nonfinite='loss'" in message and "last checkpoint, step 46, is intact" in message
   assert _tree_digest(os.path.join(workdir, "checkpoints")) == ckpt_digest
+
+
+def test_a_failed_background_save_stops_the_run_at_once_with_one_clear_error(tmp_path,
+                                                                               monkeypatch):
+  """A full disk, simulated: every save after the first (step 46) fails in orbax's writer
+  thread, as it writes the JSON items (progress and metrics)."""
+  original = ocp.handlers.JsonCheckpointHandler._save_fn
+
+  async def full_disk(self, item, directory):
+    if "/checkpoints/46." not in str(directory):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "progress"))
+    return await original(self, item, directory)
+
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", full_disk)
+  config = tiny_digits_config(num_epochs=4)
+  config.log.tensorboard = False
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(e.value)
+  assert "No space left on device" in message and "The last good checkpoint is step 46" in message
+  assert "free space" in message and "rerun the same command" in message
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert len(rows) < 4  # it stopped in the epoch after the failed save, not at the end
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", original)
+  resumed = train.train_and_evaluate(config, str(tmp_path))  # space freed: the same command
+  assert int(resumed.state.step) == 4 * 46 and [r["epoch"] for r in resumed.history][0] == 2
+
+
+def test_a_mid_period_save_logs_no_orbax_warning(tmp_path, caplog):
+  _, _, _, keys, state = _model_state(steps=1)
+  manager = checkpoint.make_manager(str(tmp_path), keep=2)
+  with caplog.at_level(logging.WARNING):
+    checkpoint.save(manager, 1, {"state": state, "keys": keys.as_dict()},
+                    {"epoch": 0, "step_in_epoch": 1, "sums": {}})
+    checkpoint.close(manager)
+  assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()]
+  assert os.path.isdir(tmp_path / "checkpoints" / "1")

@@ -75,3 +75,20 @@ def test_sample_writes_a_grid_of_prior_samples(run_dir, tmp_path):
   # Temperature 0 decodes z = 0 ten times; temperature 1 draws ten different z.
   assert all(np.array_equal(t, tiles(grids["0"])[0]) for t in tiles(grids["0"]))
   assert len({t.tobytes() for t in tiles(grids["1"])}) == 10
+
+
+@pytest.mark.parametrize("args,message", [
+    (["jaxvae.sample", "--workdir", "/no/such/dir", "--out", "x.png"],
+     "error: /no/such/dir holds no config.json; give the --workdir of a jaxvae run"),
+    (["jaxvae.evaluate", "--workdir", "RUN", "--iw_samples", "0"],
+     "error: --iw_samples=0 must be a positive number of importance samples"),
+    (["jaxvae.sample", "--workdir", "RUN", "--out", "x.png", "--num", "0"],
+     "error: --num=0 must be positive"),
+])
+def test_bad_input_ends_a_command_with_one_error_line(run_dir, args, message):
+  args = [str(run_dir) if a == "RUN" else a for a in args]
+  done = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                        env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+  assert done.returncode == 1
+  lines = [line for line in done.stderr.splitlines() if line.strip()]
+  assert lines[-1].startswith(message) and "Traceback" not in done.stderr

@@ -76,6 +76,19 @@ def test_tar_archive_reads_like_the_folder(tmp_path):
   np.testing.assert_array_equal(a.test.labels, b.test.labels)
 
 
+def test_a_truncated_archive_is_a_data_error_naming_the_file(tmp_path):
+  _write_folder(tmp_path / "imgs")
+  archive = tmp_path / "imgs.tar.gz"
+  with tarfile.open(archive, "w:gz") as tar:
+    for split in ("train", "test"):
+      tar.add(tmp_path / "imgs" / split, arcname=split)
+  whole = archive.read_bytes()
+  archive.write_bytes(whole[: len(whole) * 2 // 3])  # a copy cut short
+  with pytest.raises(data.DataError, match=rf"{archive} is damaged or incomplete .*copy or "
+                     "download it again"):
+    data.load(_cfg(source="folder", path=str(archive), cache_dir=str(tmp_path / "c")))
+
+
 @pytest.mark.parametrize("problem,match", [
     ("mixed_sizes", r"1\.png is \(7, 5, 3\) but .*0\.png is \(6, 5, 3\)"),
     ("not_an_image", r"broken\.png is not a readable image"),

@@ -140,3 +140,28 @@ def test_paper_config_lowers_test_elbo_on_real_cifar10_in_300_steps():
   assert int(state.step) == 300
   assert after["elbo_nats"] > before["elbo_nats"] + 100  # nats per image
   assert after["recon_mean_ssim"] > before["recon_mean_ssim"]
+
+
+def test_run_writes_model_summary_data_preview_and_tensorboard_events(digits_run):
+  import tensorflow as tf
+  from tensorboard.backend.event_processing import event_accumulator
+  workdir, result = digits_run
+  summary = (workdir / "model.txt").read_text()
+  params = models.count_params(result.state.params)
+  assert f"Total Parameters: {params:,}" in summary and "encoder/Dense_0" in summary
+  assert (workdir / "figures" / "data.png").exists()
+  events = event_accumulator.EventAccumulator(str(workdir / "tensorboard"),
+                                              size_guidance={"tensors": 0, "images": 0})
+  events.Reload()
+  for key in ("train/loss", "test/elbo_nats", "test/recon_mean_ssim"):
+    scalars = events.Tensors(key)
+    assert [s.step for s in scalars] == [r["step"] for r in result.history]
+    values = [float(tf.make_ndarray(s.tensor_proto)) for s in scalars]
+    assert values == pytest.approx([r[key] for r in result.history], rel=1e-6)
+  assert {"test_and_reconstruction", "prior_samples"} <= set(events.Tags()["tensors"])
+
+
+def test_paper_model_summary_counts_table_1():
+  config = cifar10.get_config()
+  summary = models.summary(models.make_model(config.model, (32, 32, 3)), (32, 32, 3))
+  assert "Total Parameters: 3,543,552" in summary
