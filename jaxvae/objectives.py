@@ -55,6 +55,26 @@ def loss(params, rng: jax.Array, x: jax.Array, *, model: VAE, beta: float = 1.0,
                  "kl_nats": kl}
 
 
+def log_weights(params, x: jax.Array, z: jax.Array, mean: jax.Array, log_scale: jax.Array, *,
+                model: VAE, log_lik_fn: Callable[[jax.Array, dict], jax.Array] | None = None
+                ) -> tuple[jax.Array, jax.Array]:
+  """Importance log-weights log w = log p(x|z) + log p(z) - log q(z|x) of draws z ~ q(z|x).
+
+  x: f32[B, H, W, C]; z: f32[S, B, K]; mean, log_scale: f32[B, K], the posterior of x.
+  `log_lik_fn(x, obs) -> f32[B]` scores the decoder output; the default is the model's own
+  likelihood. Returns (log_w, log_lik), f32[S, B] nats each.
+  """
+  if log_lik_fn is None:
+    log_lik_fn = functools.partial(distributions.log_likelihood, model.likelihood)
+  num_draws = z.shape[0]
+  obs = model.apply(params, z.reshape(-1, z.shape[-1]), method=VAE.decode)
+  x_rep = jnp.broadcast_to(x, (num_draws,) + x.shape).reshape((-1,) + x.shape[1:])
+  log_lik = log_lik_fn(x_rep, obs).reshape(num_draws, x.shape[0])
+  log_w = (log_lik + distributions.standard_normal_log_prob(z)
+           - distributions.diag_gaussian_log_prob(z, mean, log_scale))
+  return log_w, log_lik
+
+
 def iwae_bound(params, rng: jax.Array, x: jax.Array, *, model: VAE, num_samples: int,
                chunk_size: int | None = None,
                log_lik_fn: Callable[[jax.Array, dict], jax.Array] | None = None
@@ -69,20 +89,15 @@ def iwae_bound(params, rng: jax.Array, x: jax.Array, *, model: VAE, num_samples:
   in memory at once) and folded into a running float32 logsumexp. `log_lik_fn(x, obs) -> f32[B]`
   scores the decoder output; the default is the model's own likelihood. Returns f32[B] nats.
   """
-  if log_lik_fn is None:
-    log_lik_fn = functools.partial(distributions.log_likelihood, model.likelihood)
   chunk = min(chunk_size or num_samples, num_samples)
   num_chunks = -(-num_samples // chunk)
   mean, log_scale = model.apply(params, x, method=VAE.encode)
-  x_rep = jnp.broadcast_to(x, (chunk,) + x.shape).reshape((-1,) + x.shape[1:])
 
   def body(carry, i):
     lse, total = carry
     z = distributions.sample_diag_gaussian(jax.random.fold_in(rng, i), mean, log_scale, chunk)
-    obs = model.apply(params, z.reshape(-1, z.shape[-1]), method=VAE.decode)
-    log_w = (log_lik_fn(x_rep, obs).reshape(chunk, x.shape[0])
-             + distributions.standard_normal_log_prob(z)
-             - distributions.diag_gaussian_log_prob(z, mean, log_scale))  # [chunk, B]
+    log_w, _ = log_weights(params, x, z, mean, log_scale, model=model,
+                           log_lik_fn=log_lik_fn)  # [chunk, B]
     # The last chunk may overrun K; its extra draws count for nothing.
     real = (i * chunk + jnp.arange(chunk) < num_samples)[:, None]
     lse = jnp.logaddexp(lse, jax.nn.logsumexp(jnp.where(real, log_w, -jnp.inf), axis=0))
