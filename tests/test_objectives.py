@@ -235,32 +235,32 @@ def test_tc_decomposition_follows_the_mws_formula_and_sums_to_the_monte_carlo_kl
 
 
 def test_tc_decomposition_of_independent_factorized_posteriors():
+  # MWS's log(B N) puts constant offsets on the terms (see tc_decomposition); their truth
+  # is the estimate less these.
   n, k = 1000, 2
-  offsets = {"mi": math.log(n), "tc": (k - 1) * math.log(n), "dwkl": -k * math.log(n)}
-  # One posterior for every example: x says nothing about z, and z's dims are independent.
-  # MWS then reads exactly its constant offsets for MI and TC (both 0 in truth).
+  offset = {"mi": math.log(n), "tc": (k - 1) * math.log(n), "dwkl": -math.log(n)}  # dwkl: per dim
+  # One posterior for every example: x says nothing about z, and z's dims are independent,
+  # so MI = TC = 0 and MWS reads exactly its offsets.
   mean, log_scale = jnp.full((64, k), 0.3), jnp.full((64, k), -0.7)
   z = mean + jnp.exp(log_scale) * jax.random.normal(jax.random.key(0), (3, 64, k))
   tc = _tc_decomposition(z, mean, log_scale, n)
-  assert float(tc["mi"]) == pytest.approx(offsets["mi"], rel=1e-5)
-  assert float(tc["tc"]) == pytest.approx(offsets["tc"], rel=1e-5)
-  # Posteriors N(m_i, 0.5^2) with means m_i ~ N(0, I) across the batch: the aggregate is
-  # N(0, 1.25 I), so TC = 0, MI = k/2 log 5, DWKL = (0.25 - log 1.25) / 2 per dim. With every
+  assert float(tc["mi"]) == pytest.approx(offset["mi"], rel=1e-5)
+  assert float(tc["tc"]) == pytest.approx(offset["tc"], rel=1e-5)
+  # Posteriors N(m_i, 0.5^2 I) of n examples with means m_i ~ N(0, I): the aggregate is
+  # N(0, 1.25 I), so TC = 0, MI = k/2 log 5, DWKL = (0.25 - log 1.25) / 2 per dim. With each
   # mean repeated in both dims the aggregate has correlation 0.8: TC = -log(1 - 0.64) / 2 and
-  # MI = log(9) / 2. Less MWS's offsets, the estimates over 1000 examples come close.
-  b = 1000
+  # MI = log(9) / 2. With the whole data set in the batch the estimates come close.
   rng = np.random.default_rng(0)
   dwkl = 0.5 * (0.25 - math.log(1.25))
-  for means, want in ((rng.normal(size=(b, k)), {"mi": k / 2 * math.log(5), "tc": 0.0}),
-                      (np.repeat(rng.normal(size=(b, 1)), k, 1),
+  for means, want in ((rng.normal(size=(n, k)), {"mi": k / 2 * math.log(5), "tc": 0.0}),
+                      (np.repeat(rng.normal(size=(n, 1)), k, 1),
                        {"mi": math.log(9) / 2, "tc": -0.5 * math.log(1 - 0.64)})):
     mean = jnp.asarray(means, jnp.float32)
-    z = mean + 0.5 * jax.random.normal(jax.random.key(1), (4, b, k))
-    tc = _tc_decomposition(z, mean, jnp.full((b, k), math.log(0.5)), b)
-    offsets = {"mi": math.log(b), "tc": (k - 1) * math.log(b), "dwkl": -math.log(b)}
-    assert float(tc["mi"]) - offsets["mi"] == pytest.approx(want["mi"], abs=0.05)
-    assert float(tc["tc"]) - offsets["tc"] == pytest.approx(want["tc"], abs=0.03)
-    np.testing.assert_allclose(np.asarray(tc["dwkl"]) - offsets["dwkl"], dwkl, atol=0.01)
+    z = mean + 0.5 * jax.random.normal(jax.random.key(1), (4, n, k))
+    tc = _tc_decomposition(z, mean, jnp.full((n, k), math.log(0.5)), n)
+    assert float(tc["mi"]) - offset["mi"] == pytest.approx(want["mi"], abs=0.05)
+    assert float(tc["tc"]) - offset["tc"] == pytest.approx(want["tc"], abs=0.03)
+    np.testing.assert_allclose(np.asarray(tc["dwkl"]) - offset["dwkl"], dwkl, atol=0.01)
 
 
 def test_tcvae_loss_weighs_its_three_terms():
@@ -273,6 +273,19 @@ def test_tcvae_loss_weighs_its_three_terms():
   assert float(value) == pytest.approx(float(want), rel=1e-5)
   assert float(m["beta"]) == 6.0
   assert float(m["elbo_nats"]) == pytest.approx(float(m["log_lik_nats"] - m["kl_nats"]), rel=1e-6)
+  # Free bits above every dim's DWKL leave it a constant: MWS's raw values sit log N lower.
+  floored = _objective(kind="beta_tcvae", tc_alpha=2.0, tc_beta=6.0, tc_gamma=0.5, free_bits=30.0)
+  no_dwkl = _objective(kind="beta_tcvae", tc_alpha=2.0, tc_beta=6.0, tc_gamma=0.0)
+  (value, m), grads = jax.jit(jax.value_and_grad(objectives.make_loss(floored, model, 100),
+                                                 has_aux=True))(params, jax.random.key(2), x, 0)
+  k = 3  # latent dims of _small_model
+  want = (-m["log_lik_nats"] + 2.0 * m["mi_nats"] + 6.0 * m["tc_nats"]
+          + 0.5 * k * (30.0 - math.log(100)))
+  assert float(value) == pytest.approx(float(want), rel=1e-5)
+  want_grads = jax.jit(jax.grad(lambda p: objectives.make_loss(no_dwkl, model, 100)(
+      p, jax.random.key(2), x, 0)[0]))(params)
+  for g, want_g in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="dataset size"):
     objectives.make_loss(cfg, model)
   with pytest.raises(ValueError, match="N >= the batch"):
@@ -283,8 +296,8 @@ def _iwae_by_hand(params, x, eps):
   """The IWAE loss of the PPCA model (linear encoder and decoder) and its gradient, written
   out in float64: x f64[B, D], eps f64[k, B, K] the standard normal draws."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)["params"]
-  enc_w, enc_b, raw = p["encoder"]["mean"]["kernel"], p["encoder"]["mean"]["bias"], \
-      p["encoder"]["raw_log_scale"]
+  enc_w, enc_b = p["encoder"]["mean"]["kernel"], p["encoder"]["mean"]["bias"]
+  raw = p["encoder"]["raw_log_scale"]
   dec_w, dec_b = p["decoder"]["Dense_0"]["kernel"], p["decoder"]["Dense_0"]["bias"]
   log_sigma = 7.0 * np.tanh(raw / 7.0)
   mean = x @ enc_w + enc_b
@@ -321,9 +334,9 @@ def test_iwae_loss_and_gradient_match_a_hand_computation():
   want, want_grads = _iwae_by_hand(params, x, eps)
   assert float(value) == pytest.approx(want, rel=1e-5)
   assert float(metrics["iwae_nats"]) == pytest.approx(-want, rel=1e-5)
-  for path, g in jax.tree_util.tree_leaves_with_path(grads):
-    want_g = jax.tree_util.tree_leaves(want_grads)[
-        [p for p, _ in jax.tree_util.tree_leaves_with_path(want_grads)].index(path)]
+  assert jax.tree.structure(grads) == jax.tree.structure(want_grads)
+  for (path, g), want_g in zip(jax.tree_util.tree_leaves_with_path(grads),
+                               jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(g, want_g, rtol=2e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
