@@ -9,7 +9,7 @@ import json
 
 import ml_collections
 
-from jaxvae import data, distributions, models, sprites
+from jaxvae import data, distributions, models, objectives, sprites
 
 
 SKIP_NONFINITE = ("grads", "loss", "off")
@@ -50,8 +50,22 @@ def base_config() -> ml_collections.ConfigDict:
                                      # parameters, activations, Adam and the loss stay float32
 
   c.objective = ml_collections.ConfigDict()
-  c.objective.beta = 1.0           # KL weight in the loss; reported ELBOs always use 1
-  c.objective.num_samples = 1      # L, Monte Carlo draws of z per example
+  c.objective.kind = "elbo"        # elbo | capacity | beta_tcvae | iwae (jaxvae/objectives.py)
+  c.objective.beta = 1.0           # elbo: KL weight in the loss; reported ELBOs always use 1
+  c.objective.num_samples = 1      # L, Monte Carlo draws of z per example; iwae: its k (>= 2)
+  c.objective.warmup_steps = 0     # KL warm-up: the KL weights rise from 0 over these optimizer
+                                   # steps (0: off); a function of the step, so a resumed run
+                                   # past it trains at full weight
+  c.objective.free_bits = 0.0      # nats: each latent dim's batch-mean KL is floored here in the
+                                   # loss (0: off); beta_tcvae floors its dimension-wise KL
+  c.objective.capacity_start = 0.0  # capacity: C rises linearly from start to max nats over
+  c.objective.capacity_max = 25.0   #   capacity_steps optimizer steps, then stays at max
+  c.objective.capacity_steps = 100_000
+  c.objective.capacity_gamma = 1000.0  # capacity: weight of |KL - C| for a log-likelihood summed
+                                       # over pixels (averaged over D pixels: divide it by D)
+  c.objective.tc_alpha = 1.0       # beta_tcvae: weights of the index-code MI, the total
+  c.objective.tc_beta = 6.0        #   correlation and the dimension-wise KL
+  c.objective.tc_gamma = 1.0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-3
@@ -129,8 +143,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      ("model.log_scale_bound", c.model.log_scale_bound),
                      ("optimizer.learning_rate", c.optimizer.learning_rate)):
     _positive(value, key, float)
-  if c.objective.beta < 0:
-    raise ConfigError(f"config.objective.beta={c.objective.beta} must be >= 0")
+  _validate_objective(c.objective, c.batch_size)
   if c.optimizer.grad_clip_norm < 0:
     raise ConfigError(f"config.optimizer.grad_clip_norm={c.optimizer.grad_clip_norm} must be >= 0 "
                       "(0 turns clipping off)")
@@ -146,6 +159,33 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.data.source == "folder" and not c.data.path:
     raise ConfigError("config.data.source='folder' needs config.data.path (a folder laid out "
                       "split/class/*.png, or a .tar.gz of one)")
+
+
+def _validate_objective(o: ml_collections.ConfigDict, batch_size: int) -> None:
+  _choice(o.kind, objectives.KINDS, "objective.kind")
+  for key in ("beta", "warmup_steps", "free_bits", "capacity_start", "tc_alpha", "tc_beta",
+              "tc_gamma"):
+    if o[key] < 0:
+      raise ConfigError(f"config.objective.{key}={o[key]} must be >= 0")
+  _positive(o.capacity_steps, "objective.capacity_steps")
+  _positive(o.capacity_gamma, "objective.capacity_gamma", float)
+  if o.capacity_max < o.capacity_start:
+    raise ConfigError(f"config.objective.capacity_max={o.capacity_max} is below "
+                      f"objective.capacity_start={o.capacity_start}")
+  if o.kind != "elbo" and o.beta != 1.0:
+    raise ConfigError(f"config.objective.beta={o.beta} weights the KL of kind='elbo' only; "
+                      f"kind={o.kind!r} has its own weights (capacity_gamma, tc_*)")
+  if o.kind == "iwae":
+    if o.num_samples < 2:
+      raise ConfigError(f"config.objective.num_samples={o.num_samples} with kind='iwae' is the "
+                        "single-sample ELBO (with a Monte Carlo KL); use kind='elbo' or >= 2")
+    for key in ("warmup_steps", "free_bits"):
+      if o[key]:
+        raise ConfigError(f"config.objective.{key}={o[key]} needs a KL term, and kind='iwae' "
+                          "has none apart from its log-weights; set it to 0")
+  if o.kind == "beta_tcvae" and batch_size < 2:
+    raise ConfigError(f"config.batch_size={batch_size}: kind='beta_tcvae' estimates q(z) "
+                      "from the other examples of the batch; use >= 2")
 
 
 # Keys a resumed run may change: they steer how long it runs, what it logs and evaluates, and

@@ -59,10 +59,16 @@ def kl_per_dim(mean: jax.Array, log_scale: jax.Array) -> jax.Array:
   return 0.5 * (jnp.square(mean) + jnp.exp(2.0 * log_scale) - 1.0) - log_scale
 
 
+def diag_gaussian_log_prob_per_dim(z: jax.Array, mean: jax.Array,
+                                   log_scale: jax.Array) -> jax.Array:
+  """log N(z_k; mean_k, exp(log_scale_k)^2) per dim, broadcasting: f32[..., K] -> f32[..., K]."""
+  u = (z - mean) * jnp.exp(-log_scale)
+  return -0.5 * jnp.square(u) - log_scale - _HALF_LOG_2PI
+
+
 def diag_gaussian_log_prob(z: jax.Array, mean: jax.Array, log_scale: jax.Array) -> jax.Array:
   """log N(z; mean, diag(exp(log_scale)^2)) summed over the last axis: f32[..., K] -> f32[...]."""
-  u = (z - mean) * jnp.exp(-log_scale)
-  return jnp.sum(-0.5 * jnp.square(u) - log_scale - _HALF_LOG_2PI, axis=-1)
+  return jnp.sum(diag_gaussian_log_prob_per_dim(z, mean, log_scale), axis=-1)
 
 
 def standard_normal_log_prob(z: jax.Array) -> jax.Array:

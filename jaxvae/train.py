@@ -8,7 +8,6 @@ replays exactly, since every key is a function of (seed, epoch, step).
 """
 
 import dataclasses
-import functools
 import math
 import os
 import signal
@@ -27,11 +26,16 @@ from jaxvae import run as run_lib
 from jaxvae import config as config_lib
 from jaxvae.state import Keys, TrainState, init_state
 
-TRAIN_SUM_KEYS = ("loss", "elbo_nats", "log_lik_nats", "kl_nats")
+# The train metrics averaged into each metrics row, where the objective reports them.
+TRAIN_SUM_KEYS = ("loss", "elbo_nats", "log_lik_nats", "kl_nats", "beta", "capacity_nats",
+                  "iwae_nats", "mi_nats", "tc_nats", "dwkl_nats")
 
 
-def make_train_step(model: models.VAE, tx, config):
+def make_train_step(model: models.VAE, tx, config, dataset_size: int | None = None):
   """(state, x uint8[B, H, W, C], key) -> (state, metrics of floats[]).
+
+  The loss is `objectives.make_loss(config.objective, ...)` at the step `state.step`;
+  `dataset_size`, the training images, is needed by the beta_tcvae objective.
 
   With `config.optimizer.skip_nonfinite` "grads", a step whose loss or any gradient is not
   finite leaves params and optimizer state as they were; with "loss" only the loss is checked
@@ -39,15 +43,14 @@ def make_train_step(model: models.VAE, tx, config):
   fresh key) and counts in `skips`, which an applied step resets; metrics["skipped"] says which
   happened. With "off" every step is applied and the caller stops on a non-finite loss.
   """
-  loss_fn = functools.partial(objectives.loss, model=model, beta=config.objective.beta,
-                              num_samples=config.objective.num_samples)
+  loss_fn = objectives.make_loss(config.objective, model, dataset_size)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   check = config.optimizer.skip_nonfinite
 
   def train_step(state: TrainState, x_uint8: jax.Array, key: jax.Array):
     bin_key, z_key = jax.random.split(key)
     x = data.to_unit_interval(x_uint8, bin_key, config.data.binarize)
-    (loss, metrics), grads = grad_fn(state.params, z_key, x)
+    (loss, metrics), grads = grad_fn(state.params, z_key, x, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if check == "off":
@@ -91,7 +94,8 @@ def make_train_chunk(train_step, mesh):
     # A loop of dynamic length: padded steps are never entered, with no lax.cond to skip them.
     state, metrics = jax.lax.fori_loop(0, valid.sum(), body, (state, metrics))
     applied = valid & ~metrics["skipped"]
-    sums = {k: jnp.sum(jnp.where(applied, metrics[k], 0.0)) for k in TRAIN_SUM_KEYS}
+    sums = {k: jnp.sum(jnp.where(applied, metrics[k], 0.0)) for k in TRAIN_SUM_KEYS
+            if k in metrics}
     sums["steps"] = valid.sum()
     sums["skipped_steps"] = (valid & metrics["skipped"]).sum()
     sums["nonfinite_loss_steps"] = (valid & ~jnp.isfinite(metrics["loss"])).sum()
@@ -170,7 +174,7 @@ def _add_chunk(sums: dict, chunk_sums) -> dict:
   """Adds one chunk's device sums into the epoch's host `sums`; returns the chunk's own
   `max_skips`, `nonfinite_loss_steps`, `stop` and `params_finite`."""
   chunk_sums = jax.device_get(chunk_sums)
-  for k in TRAIN_SUM_KEYS + ("steps", "skipped_steps"):
+  for k in [k for k in TRAIN_SUM_KEYS if k in chunk_sums] + ["steps", "skipped_steps"]:
     sums[k] = sums.get(k, 0.0) + float(chunk_sums[k])
   return {k: int(chunk_sums[k])
           for k in ("max_skips", "nonfinite_loss_steps", "stop", "params_finite")}
@@ -268,7 +272,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run = _prepare(config, workdir, overwrite)
   try:
     state, keys, sums = _restore_or_init(run)
-    train_chunk = make_train_chunk(make_train_step(run.model, run.tx, config), run.mesh)
+    train_chunk = make_train_chunk(
+        make_train_step(run.model, run.tx, config, len(run.ds.train.images)), run.mesh)
     evaluator = evaluate.Evaluator(run.model, config, run.ds.test, run.mesh)
     with _StopRequest() as stop:
       state, history, stop_signum = _train_loop(run, state, keys, sums, train_chunk, evaluator,
@@ -419,7 +424,7 @@ def _end_period(run: _Run, state: TrainState, keys: Keys, sums: dict, steps_run:
   applied = sums["steps"] - sums["skipped_steps"]
   row = {"epoch": run.epoch_of(step), "step": step}
   row.update({f"train/{k}": sums[k] / applied if applied else float("nan")
-              for k in TRAIN_SUM_KEYS})
+              for k in TRAIN_SUM_KEYS if k in sums})
   row["train/skipped_steps"] = int(sums["skipped_steps"])
   row["train/seconds"] = seconds
   row["train/images_per_s"] = steps_run * config.batch_size / seconds

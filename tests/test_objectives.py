@@ -1,4 +1,9 @@
-"""The ELBO against an exactly solvable model, its reductions, and the models' shapes."""
+"""The ELBO against an exactly solvable model, its reductions, the training objectives and
+the models' shapes."""
+
+import functools
+import math
+import signal
 
 import flax.linen as nn
 import jax
@@ -7,10 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
+from scipy.special import logsumexp
 
 from configs import cifar10
-from jaxvae import models, objectives
+from jaxvae import figures, models, objectives, optim, train
+from jaxvae import config as config_lib
+from jaxvae import run as run_lib
 from jaxvae.config import base_config
+from tests.conftest import tiny_digits_config
+from tests.test_resume import _rows, _untimed
 
 # ----------------------------------------------------------------------------- PPCA
 # z ~ N(0, I_K), x | z ~ N(W z + b, s^2 I_D). With orthogonal columns of W the exact
@@ -121,6 +131,313 @@ def test_beta_weights_only_the_kl_and_reported_elbo_ignores_it():
   l4, m4 = loss(params, jax.random.key(2), x, model=model, beta=4.0)
   np.testing.assert_allclose(l4 - l1, 3.0 * m1["kl_nats"], rtol=1e-5)
   np.testing.assert_allclose(m4["elbo_nats"], m1["elbo_nats"], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+def _objective(**overrides):
+  cfg = base_config().objective
+  cfg.update(overrides)
+  return cfg
+
+
+def test_default_objective_is_todays_loss_bit_for_bit_plus_its_beta():
+  model, params = _small_model()
+  x = jax.random.uniform(jax.random.key(1), (8, 4, 4, 3))
+  loss_fn = jax.jit(objectives.make_loss(_objective(beta=4.0), model))
+  value, metrics = loss_fn(params, jax.random.key(2), x, jnp.int32(5))
+  loss = jax.jit(objectives.loss, static_argnames=("model",))
+  want, want_metrics = loss(params, jax.random.key(2), x, model=model, beta=4.0)
+  assert np.asarray(value).tobytes() == np.asarray(want).tobytes()
+  assert {k: float(v) for k, v in metrics.items()} == dict(
+      {k: float(v) for k, v in want_metrics.items()}, beta=4.0)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(kind="elbo", beta=4.0, warmup_steps=60),
+    dict(kind="capacity", capacity_start=1.0, capacity_max=9.0, capacity_steps=80,
+         capacity_gamma=30.0, warmup_steps=60),
+])
+def test_schedules_are_traced_functions_of_the_step(overrides):
+  model, params = _small_model()
+  x = jax.random.uniform(jax.random.key(1), (8, 4, 4, 3))
+  cfg = _objective(**overrides)
+  loss_fn = jax.jit(objectives.make_loss(cfg, model))
+  for step in (0, 1, 7, 30, 59, 60, 79, 80, 1000, 123_456):
+    value, m = loss_fn(params, jax.random.key(2), x, jnp.int32(step))
+    ramp = min(step / 60, 1.0)
+    if cfg.kind == "elbo":
+      assert float(m["beta"]) == pytest.approx(4.0 * ramp, rel=1e-6)
+      want = -(m["log_lik_nats"] - m["beta"] * m["kl_nats"])
+    else:
+      capacity = 1.0 + 8.0 * min(step / 80, 1.0)
+      assert float(m["beta"]) == pytest.approx(30.0 * ramp, rel=1e-6)
+      assert float(m["capacity_nats"]) == pytest.approx(capacity, rel=1e-6)
+      want = -m["log_lik_nats"] + m["beta"] * abs(m["kl_nats"] - capacity)
+    assert float(value) == pytest.approx(float(want), rel=1e-5)
+  assert loss_fn._cache_size() == 1  # one trace: the step is an argument, not a constant
+
+
+def test_free_bits_floor_each_dims_batch_mean_kl_and_report_the_true_kl():
+  model, params = _small_model()
+  x = jax.random.uniform(jax.random.key(1), (8, 4, 4, 3))
+  mean, log_scale = model.apply(params, x, method=models.VAE.encode)
+  kl_dims = np.asarray(objectives.distributions.kl_per_dim(mean, log_scale).mean(0))
+  floor = float(np.median(kl_dims))  # some dims below, some above
+  assert (kl_dims < floor).any() and (kl_dims > floor).any()
+  loss = jax.jit(functools.partial(objectives.loss, rng=jax.random.key(2), x=x, model=model),
+                 static_argnames=("beta", "free_bits"))
+  value, m = loss(params, free_bits=floor)
+  _, plain = loss(params)
+  assert float(m["kl_nats"]) == pytest.approx(float(plain["kl_nats"]), rel=1e-6)
+  want = -float(m["log_lik_nats"]) + np.maximum(kl_dims, floor).sum()
+  assert float(value) == pytest.approx(want, rel=1e-5)
+  # Above every dim's KL the floor is a constant: only the likelihood has a gradient.
+  grad = lambda **kw: jax.jit(jax.grad(lambda p: loss(p, **kw)[0]))(params)
+  for g, want_g in zip(jax.tree.leaves(grad(free_bits=10 * kl_dims.max())),
+                       jax.tree.leaves(grad(beta=0.0))):
+    np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=1e-7)
+
+
+_tc_decomposition = jax.jit(objectives.tc_decomposition, static_argnums=3)
+
+
+def _mws_reference(z, mean, log_scale, n):
+  """log q(z) and sum_d log q(z_d) by the reference beta-TCVAE's MWS formula, in float64 loops."""
+  z, mean, s = (np.asarray(a, np.float64) for a in (z, mean, np.exp(log_scale)))
+  num_draws, b, _ = z.shape
+  log_qz, log_prod = np.zeros((num_draws, b)), np.zeros((num_draws, b))
+  for l in range(num_draws):
+    for i in range(b):
+      pairs = stats.norm.logpdf(z[l, i], mean, s)  # [B (j), K]
+      log_qz[l, i] = logsumexp(pairs.sum(-1)) - math.log(b * n)
+      log_prod[l, i] = (logsumexp(pairs, axis=0) - math.log(b * n)).sum()
+  return log_qz, log_prod
+
+
+def test_tc_decomposition_follows_the_mws_formula_and_sums_to_the_monte_carlo_kl():
+  key_m, key_s, key_z = jax.random.split(jax.random.key(0), 3)
+  mean = jax.random.normal(key_m, (16, 3))
+  log_scale = 0.3 * jax.random.normal(key_s, (16, 3)) - 0.5
+  z = mean + jnp.exp(log_scale) * jax.random.normal(key_z, (2, 16, 3))
+  n = 1000
+  tc = _tc_decomposition(z, mean, log_scale, n)
+  log_qz, log_prod = _mws_reference(z, mean, log_scale, n)
+  log_qz_x = stats.norm.logpdf(np.asarray(z, np.float64), mean, np.exp(log_scale)).sum(-1)
+  log_pz = stats.norm.logpdf(np.asarray(z, np.float64)).sum(-1)
+  np.testing.assert_allclose(float(tc["mi"]), (log_qz_x - log_qz).mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(tc["tc"]), (log_qz - log_prod).mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(tc["dwkl"].sum()), (log_prod - log_pz).mean(), rtol=1e-5)
+  # MI + TC + DWKL telescopes to E[log q(z|x) - log p(z)] at the same draws.
+  total = float(tc["mi"] + tc["tc"] + tc["dwkl"].sum())
+  assert total == pytest.approx((log_qz_x - log_pz).mean(), rel=1e-5)
+
+
+def test_tc_decomposition_of_independent_factorized_posteriors():
+  # MWS's log(B N) puts constant offsets on the terms (see tc_decomposition); their truth
+  # is the estimate less these.
+  n, k = 1000, 2
+  offset = {"mi": math.log(n), "tc": (k - 1) * math.log(n), "dwkl": -math.log(n)}  # dwkl: per dim
+  # One posterior for every example: x says nothing about z, and z's dims are independent,
+  # so MI = TC = 0 and MWS reads exactly its offsets.
+  mean, log_scale = jnp.full((64, k), 0.3), jnp.full((64, k), -0.7)
+  z = mean + jnp.exp(log_scale) * jax.random.normal(jax.random.key(0), (3, 64, k))
+  tc = _tc_decomposition(z, mean, log_scale, n)
+  assert float(tc["mi"]) == pytest.approx(offset["mi"], rel=1e-5)
+  assert float(tc["tc"]) == pytest.approx(offset["tc"], rel=1e-5)
+  # Posteriors N(m_i, 0.5^2 I) of n examples with means m_i ~ N(0, I): the aggregate is
+  # N(0, 1.25 I), so TC = 0, MI = k/2 log 5, DWKL = (0.25 - log 1.25) / 2 per dim. With each
+  # mean repeated in both dims the aggregate has correlation 0.8: TC = -log(1 - 0.64) / 2 and
+  # MI = log(9) / 2. With the whole data set in the batch the estimates come close.
+  rng = np.random.default_rng(0)
+  dwkl = 0.5 * (0.25 - math.log(1.25))
+  for means, want in ((rng.normal(size=(n, k)), {"mi": k / 2 * math.log(5), "tc": 0.0}),
+                      (np.repeat(rng.normal(size=(n, 1)), k, 1),
+                       {"mi": math.log(9) / 2, "tc": -0.5 * math.log(1 - 0.64)})):
+    mean = jnp.asarray(means, jnp.float32)
+    z = mean + 0.5 * jax.random.normal(jax.random.key(1), (4, n, k))
+    tc = _tc_decomposition(z, mean, jnp.full((n, k), math.log(0.5)), n)
+    assert float(tc["mi"]) - offset["mi"] == pytest.approx(want["mi"], abs=0.05)
+    assert float(tc["tc"]) - offset["tc"] == pytest.approx(want["tc"], abs=0.03)
+    np.testing.assert_allclose(np.asarray(tc["dwkl"]) - offset["dwkl"], dwkl, atol=0.01)
+
+
+def test_tcvae_loss_weighs_its_three_terms():
+  model, params = _small_model()
+  x = jax.random.uniform(jax.random.key(1), (8, 4, 4, 3))
+  cfg = _objective(kind="beta_tcvae", tc_alpha=2.0, tc_beta=6.0, tc_gamma=0.5)
+  value, m = jax.jit(objectives.make_loss(cfg, model, dataset_size=100))(
+      params, jax.random.key(2), x, jnp.int32(0))
+  want = -m["log_lik_nats"] + 2.0 * m["mi_nats"] + 6.0 * m["tc_nats"] + 0.5 * m["dwkl_nats"]
+  assert float(value) == pytest.approx(float(want), rel=1e-5)
+  assert float(m["beta"]) == 6.0
+  assert float(m["elbo_nats"]) == pytest.approx(float(m["log_lik_nats"] - m["kl_nats"]), rel=1e-6)
+  # Free bits above every dim's DWKL leave it a constant: MWS's raw values sit log N lower.
+  floored = _objective(kind="beta_tcvae", tc_alpha=2.0, tc_beta=6.0, tc_gamma=0.5, free_bits=30.0)
+  no_dwkl = _objective(kind="beta_tcvae", tc_alpha=2.0, tc_beta=6.0, tc_gamma=0.0)
+  (value, m), grads = jax.jit(jax.value_and_grad(objectives.make_loss(floored, model, 100),
+                                                 has_aux=True))(params, jax.random.key(2), x, 0)
+  k = 3  # latent dims of _small_model
+  want = (-m["log_lik_nats"] + 2.0 * m["mi_nats"] + 6.0 * m["tc_nats"]
+          + 0.5 * k * (30.0 - math.log(100)))
+  assert float(value) == pytest.approx(float(want), rel=1e-5)
+  want_grads = jax.jit(jax.grad(lambda p: objectives.make_loss(no_dwkl, model, 100)(
+      p, jax.random.key(2), x, 0)[0]))(params)
+  for g, want_g in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="dataset size"):
+    objectives.make_loss(cfg, model)
+  with pytest.raises(ValueError, match="N >= the batch"):
+    objectives.make_loss(cfg, model, dataset_size=4)(params, jax.random.key(2), x, 0)
+
+
+def _iwae_by_hand(params, x, eps):
+  """The IWAE loss of the PPCA model (linear encoder and decoder) and its gradient, written
+  out in float64: x f64[B, D], eps f64[k, B, K] the standard normal draws."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)["params"]
+  enc_w, enc_b = p["encoder"]["mean"]["kernel"], p["encoder"]["mean"]["bias"]
+  raw = p["encoder"]["raw_log_scale"]
+  dec_w, dec_b = p["decoder"]["Dense_0"]["kernel"], p["decoder"]["Dense_0"]["bias"]
+  log_sigma = 7.0 * np.tanh(raw / 7.0)
+  mean = x @ enc_w + enc_b
+  z = mean + np.exp(log_sigma) * eps
+  resid = x - (z @ dec_w + dec_b)  # [k, B, D]
+  half_log_2pi = 0.5 * np.log(2 * np.pi)
+  log_w = ((-0.5 * resid ** 2 / S ** 2 - np.log(S) - half_log_2pi).sum(-1)
+           + (-0.5 * z ** 2 - half_log_2pi).sum(-1)
+           - (-0.5 * eps ** 2 - log_sigma - half_log_2pi).sum(-1))  # [k, B]
+  k, b = log_w.shape
+  value = -np.mean(logsumexp(log_w, axis=0) - np.log(k))
+  # d loss = -1/B sum_b sum_k softmax_k(log w) d log w_k; z = mean + sigma eps.
+  c = -np.exp(log_w - logsumexp(log_w, axis=0)) / b  # [k, B]
+  g_z = resid @ dec_w.T / S ** 2 - z  # d log w / dz
+  g_log_sigma = (c[..., None] * (g_z * np.exp(log_sigma) * eps + 1.0)).sum((0, 1))
+  grads = {"encoder": {"mean": {"kernel": np.einsum("kb,bd,kbj->dj", c, x, g_z),
+                                "bias": np.einsum("kb,kbj->j", c, g_z)},
+                       "raw_log_scale": g_log_sigma * (1.0 - np.tanh(raw / 7.0) ** 2)},
+           "decoder": {"Dense_0": {"kernel": np.einsum("kb,kbj,kbd->jd", c, z, resid) / S ** 2,
+                                   "bias": np.einsum("kb,kbd->d", c, resid) / S ** 2}}}
+  return value, {"params": grads}
+
+
+def test_iwae_loss_and_gradient_match_a_hand_computation():
+  model, w, b, a, post_ls = _ppca()
+  rng = np.random.default_rng(1)
+  params = _params(w * 0.8, b, a.T + 0.1, rng.normal(size=K) * 0.2, post_ls + [0.3, -0.2])
+  x = rng.normal(size=(3, 4))
+  k, key = 5, jax.random.key(3)
+  eps = np.asarray(jax.random.normal(key, (k, 3, K)), np.float64)  # sample_diag_gaussian's draws
+  loss = lambda p: objectives.iwae_loss(p, key, jnp.asarray(x.reshape((3,) + D_SHAPE), jnp.float32),
+                                        model=model, num_samples=k)
+  (value, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  want, want_grads = _iwae_by_hand(params, x, eps)
+  assert float(value) == pytest.approx(want, rel=1e-5)
+  assert float(metrics["iwae_nats"]) == pytest.approx(-want, rel=1e-5)
+  assert jax.tree.structure(grads) == jax.tree.structure(want_grads)
+  for (path, g), want_g in zip(jax.tree_util.tree_leaves_with_path(grads),
+                               jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, want_g, rtol=2e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_one_sample_iwae_is_the_elbo_with_a_monte_carlo_kl():
+  model, params = _small_model()
+  x = jax.random.uniform(jax.random.key(1), (8, 4, 4, 3))
+  key = jax.random.key(2)
+
+  def mc_elbo_loss(p):
+    t = objectives.elbo_terms(p, key, x, model=model)
+    mc_kl = (objectives.distributions.diag_gaussian_log_prob(t["z"][0], t["mean"], t["log_scale"])
+             - objectives.distributions.standard_normal_log_prob(t["z"][0]))
+    return -jnp.mean(t["log_lik"] - mc_kl)
+
+  iwae = lambda p: objectives.iwae_loss(p, key, x, model=model, num_samples=1)[0]
+  (value, grads), (want_value, want_grads) = (jax.jit(jax.value_and_grad(f))(params)
+                                              for f in (iwae, mc_elbo_loss))
+  np.testing.assert_allclose(value, want_value, rtol=1e-6)
+  for g, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(kind="capacity", capacity_start=5.0, capacity_max=2.0), "objective.capacity_max=2.0"),
+    (dict(kind="capacity", capacity_steps=0), "objective.capacity_steps=0"),
+    (dict(kind="capacity", capacity_gamma=0.0), "objective.capacity_gamma=0.0"),
+    (dict(kind="capacity", beta=4.0), "objective.beta=4.0 weights the KL of kind='elbo' only"),
+    (dict(free_bits=-0.5), "objective.free_bits=-0.5"),
+    (dict(warmup_steps=-1), "objective.warmup_steps=-1"),
+    (dict(kind="iwae", num_samples=1), "num_samples=1 with kind='iwae' is the single-sample ELBO"),
+    (dict(kind="iwae", num_samples=5, warmup_steps=100), "objective.warmup_steps=100"),
+    (dict(kind="iwae", num_samples=5, free_bits=0.5), "objective.free_bits=0.5"),
+    (dict(kind="vae"), "objective.kind='vae' is not allowed"),
+])
+def test_bad_objective_configs_are_refused_naming_the_key(overrides, message):
+  config = tiny_digits_config()
+  config.objective.update(overrides)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config)
+  config = tiny_digits_config()
+  config.objective.kind, config.batch_size = "beta_tcvae", 1
+  with pytest.raises(config_lib.ConfigError, match="config.batch_size=1"):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("kind,extra", [
+    ("elbo", ("beta",)), ("capacity", ("beta", "capacity_nats")),
+    ("beta_tcvae", ("beta", "mi_nats", "tc_nats", "dwkl_nats")), ("iwae", ("iwae_nats",))])
+def test_every_objective_trains_and_sums_its_metrics(kind, extra):
+  config = tiny_digits_config()
+  config.objective.kind, config.objective.num_samples = kind, 1 + (kind == "iwae")
+  config_lib.validate(config)
+  model = models.make_model(config.model, (8, 8, 1))
+  tx = optim.make_optimizer(config.optimizer)
+  state = models.init_params(model, jax.random.key(0), (8, 8, 1))
+  state = train.TrainState(jnp.int32(0), state, tx.init(state), jnp.int32(0))
+  step = jax.jit(train.make_train_step(model, tx, config, dataset_size=1500))
+  x = jax.random.randint(jax.random.key(1), (32, 8, 8, 1), 0, 256).astype(jnp.uint8)
+  after, metrics = step(state, x, jax.random.key(2))
+  assert set(metrics) == {*train.TRAIN_SUM_KEYS[:4], *extra, "skipped", "skips"}
+  assert not bool(metrics["skipped"]) and int(after.step) == 1
+  assert all(np.isfinite(float(metrics[k])) for k in (*train.TRAIN_SUM_KEYS[:4], *extra))
+
+
+def test_capacity_with_warmup_stopped_midway_resumes_bit_for_bit(tmp_path, monkeypatch):
+  """A run stopped by SIGTERM mid-warm-up and resumed equals one that never stopped."""
+  monkeypatch.setattr(figures, "draw_training_figures", lambda *args, **kwargs: None)
+  config = tiny_digits_config(num_epochs=1)
+  config.log.chunks_per_epoch = 12  # 46 steps in chunks of 4
+  config.objective.kind, config.objective.warmup_steps = "capacity", 30
+  config.objective.capacity_max, config.objective.capacity_steps = 5.0, 40
+  config.objective.capacity_gamma = 30.0
+  reference = str(tmp_path / "reference")
+  train.train_and_evaluate(config, reference)
+
+  stopped = str(tmp_path / "stopped")
+  read_chunk, reads = train._read_chunk, []
+
+  def read_and_signal(*args):
+    reads.append(1)
+    if len(reads) == 1:  # once: a second signal would act at once
+      signal.raise_signal(signal.SIGTERM)  # the run stops a few chunks on, at a boundary
+    return read_chunk(*args)
+
+  monkeypatch.setattr(train, "_read_chunk", read_and_signal)
+  assert train.train_and_evaluate(config, stopped).stopped_by == "SIGTERM"
+  monkeypatch.setattr(train, "_read_chunk", read_chunk)
+  at = int(run_lib.restore_run(stopped).state.step)
+  assert 0 < at < 30  # inside the warm-up and the capacity ramp
+  train.train_and_evaluate(config, stopped)
+
+  got, want = run_lib.restore_run(stopped), run_lib.restore_run(reference)
+  for a, b in zip(jax.tree.leaves(got.state), jax.tree.leaves(want.state)):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+  rows = _untimed(_rows(stopped))
+  assert rows == _untimed(_rows(reference)) and len(rows) == 1
+  # The epoch's mean schedule values: steps 0..45 of the two ramps.
+  steps = np.arange(46)
+  assert rows[0]["train/beta"] == pytest.approx(np.mean(30.0 * np.minimum(steps / 30, 1)), rel=1e-5)
+  assert rows[0]["train/capacity_nats"] == pytest.approx(np.mean(5.0 * np.minimum(steps / 40, 1)),
+                                                         rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- models
