@@ -216,6 +216,16 @@ def estimators(num_points: int, num_test: int, num_bins: int = NUM_BINS) -> dict
   }
 
 
+def protocol_rows(num_rows: int, seed: int, num_points: int = NUM_POINTS,
+                  num_test: int = NUM_TEST) -> tuple[np.ndarray, np.ndarray]:
+  """The rows of num_rows codes that `factor_metrics` scores with `seed`, distinct: (MIG's and
+  the DCI forests' int[num_points], DCI's test rows int[num_test]). Public so that a caller
+  wanting MIG's mutual information alone (`mig` on the first) gets factor_metrics' numbers."""
+  rows_seed = np.random.SeedSequence(seed).spawn(2)[0]  # [1] seeds the forests
+  rows = np.random.default_rng(rows_seed).permutation(num_rows)[:num_points + num_test]
+  return rows[:num_points], rows[num_points:]
+
+
 def factor_metrics(codes: np.ndarray, factors: np.ndarray, factor_names: Sequence[str], *,
                    seed: int, num_points: int = NUM_POINTS, num_test: int = NUM_TEST,
                    num_bins: int = NUM_BINS) -> dict:
@@ -238,9 +248,8 @@ def factor_metrics(codes: np.ndarray, factors: np.ndarray, factor_names: Sequenc
                      f"requested but codes has only {len(codes)}; encode more images, or pass "
                      "smaller num_points/num_test (the protocol's defaults are "
                      f"{NUM_POINTS} and {NUM_TEST}; MI's upward bias grows as N shrinks)")
-  rows_seed, forest_seed = np.random.SeedSequence(seed).spawn(2)
-  rows = np.random.default_rng(rows_seed).permutation(len(codes))[:num_points + num_test]
-  train, test = rows[:num_points], rows[num_points:]
+  train, test = protocol_rows(len(codes), seed, num_points, num_test)
+  forest_seed = np.random.SeedSequence(seed).spawn(2)[1]
   gap = mig(codes[train], factors[train], num_bins)
   scores = dci(codes[train], factors[train], codes[test], factors[test],
                seed=int(forest_seed.generate_state(1)[0]))

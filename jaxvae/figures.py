@@ -5,10 +5,17 @@
 redraws every figure of DIR's latest checkpoint and metrics.jsonl into DIR/figures/; training
 calls `draw_training_figures` at the end and every `config.figures_every` epochs. The paper's
 Figures 15-20 keep its numbers in their file names; the rest are what a VAE user looks at next.
+For data with factor labels (dSprites) the traversals also come labelled by factor, and as a GIF.
 Each figure has a fixed size (`FIGSIZES` inches at `DPI`), so its pixel size is known.
+
+  python -m jaxvae.figures --sweep DIR1,DIR2,... --out OUT
+
+draws OUT/sweep.png from several runs: rate against distortion, and MIG against beta.
 """
 
+import dataclasses
 import json
+import math
 import os
 
 import matplotlib
@@ -19,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from jaxvae import data, distributions, evaluate, models, parallel, sample  # noqa: E402
 from jaxvae import run as run_lib  # noqa: E402
@@ -35,8 +43,14 @@ FIGSIZES = {  # inches (width, height)
     "interpolation_spherical": (12, 4.7),
     "latent_traversals": (10, 8.5),
     "kl_per_dim": (10, 4.5),
+    "kl_per_dim_training": (10, 4.5),
     "data": (10, 5.6),
+    "factor_traversals": (12, 9),
+    "factor_traversals_animated": (9, 6),  # a GIF, one frame per traversal value
+    "sweep": (13, 5),
 }
+FACTOR_FIGURES = ("factor_traversals", "factor_traversals_animated")  # data with factor labels
+SWEEP_FIGURES = ("sweep",)  # drawn by --sweep from several runs, never by one run
 NUM_RECONSTRUCTIONS = 10
 PRIOR_GRID = 8          # an 8 x 8 grid of prior samples
 NEIGHBOURS = (6, 8)     # 6 test images, 8 neighbours each
@@ -44,6 +58,9 @@ NEIGHBOUR_SCALE = 0.1   # the paper's z + 0.1 * noise
 INTERP_PAIRS, INTERP_STEPS = 4, 10
 TRAVERSAL_DIMS = 8
 TRAVERSAL_VALUES = np.linspace(-3.0, 3.0, 9)  # in units of the prior's standard deviation
+FACTOR_TRAVERSAL_DIMS = 16  # rows of the factor traversals at most: the dims of largest KL
+FACTOR_TRAVERSAL_VALUES = np.linspace(-2.5, 2.5, 11)
+GIF_FRAME_MS = 250
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -219,6 +236,150 @@ def plot_kl_per_dim(kl: np.ndarray, variance: np.ndarray, out_dir: str, title: s
   return _save(fig, out_dir, "kl_per_dim")
 
 
+def plot_kl_per_dim_training(rows: list[dict], out_dir: str, run: str = "") -> str:
+  """The test KL of each latent dim at every evaluation, one line per dim against the step
+  (metrics.jsonl's test/kl_per_dim_nats): under capacity annealing or a falling beta, dims
+  switch on one at a time. The 10 dims of largest final KL are named, the rest grey."""
+  rows = [r for r in rows if "test/kl_per_dim_nats" in r]
+  steps = [r["step"] for r in rows]
+  kl = np.array([r["test/kl_per_dim_nats"] for r in rows])  # [T, K]
+  order = np.argsort(kl[-1])[::-1]
+  named = 10
+  fig, ax = _figure("kl_per_dim_training")
+  cmap = plt.get_cmap("tab10")
+  for rank, d in reversed(list(enumerate(order))):  # the named dims drawn last, on top
+    ax.plot(steps, kl[:, d], marker="." if len(steps) <= 30 else None, lw=1.2,
+            color=cmap(rank) if rank < named else "0.7", label=f"z{d}" if rank < named else None)
+  if len(order) > named:
+    ax.plot([], [], color="0.7", label=f"{len(order) - named} other dims")
+  handles, labels = ax.get_legend_handles_labels()
+  ax.legend(handles[::-1], labels[::-1], fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5),
+            title="by final KL")
+  ax.set_xlabel("training step")
+  ax.set_ylabel("KL(q(z_j|x) || N(0, 1)) (nats, test mean)")
+  ax.set_ylim(bottom=0)  # a dim switched off sits at 0
+  ax.grid(alpha=0.3)
+  ax.set_title(_title(run, rows[-1]["epoch"], f"KL per latent dim over training, {kl.shape[1]} "
+                                              "dims"))
+  return _save(fig, out_dir, "kl_per_dim_training")
+
+
+def factor_labels(mutual_info: np.ndarray, active: np.ndarray, factor_names) -> list[str]:
+  """What each latent dim captures best: "factor (MI x.xx nats)" for the factor of largest
+  binned MI with it (mutual_info f[K, F] nats, ties to the first factor), "—" for an inactive
+  dim (active bool[K])."""
+  best = np.argmax(mutual_info, axis=1)
+  return [f"{factor_names[f]} (MI {mutual_info[k, f]:.2f} nats)" if active[k] else "\u2014"
+          for k, f in enumerate(best)]
+
+
+def plot_factor_traversals(grid: np.ndarray, row_labels, values, original: np.ndarray,
+                           out_dir: str, title: str = "") -> list[str]:
+  """Latent traversals decoded as grid f32[R, V, H, W, C] (row r: one dim set to each of
+  values[V]) around the code of `original` f32[H, W, C], with a label per row:
+  factor_traversals.png, rows by columns, and factor_traversals_animated.gif, whose frame v
+  shows every row's image at values[v] beside the original."""
+  png = plot_image_grid("factor_traversals", grid, out_dir, title, row_labels=row_labels,
+                        col_labels=[f"{v:+.2f}" for v in values],
+                        xlabel="value of the traversed dim (prior standard deviations); other "
+                               "dims at the image's posterior mean")
+  cells = grid.shape[0] + 1  # the last cell: the original
+  cols = math.ceil(math.sqrt(cells * 1.5))  # about 3:2, like the frame
+  fig, axes = plt.subplots(math.ceil(cells / cols), cols, layout="constrained", squeeze=False,
+                           figsize=FIGSIZES["factor_traversals_animated"], dpi=DPI)
+  shown = []
+  for ax, images, label in zip(axes.flat, grid, row_labels):
+    shown.append(ax.imshow(_as_image(images[0]), cmap="gray", vmin=0, vmax=1,
+                           interpolation="nearest"))
+    ax.set_title(label, fontsize=8)
+  axes.flat[cells - 1].imshow(_as_image(original), cmap="gray", vmin=0, vmax=1,
+                              interpolation="nearest")
+  axes.flat[cells - 1].set_title("original", fontsize=8)
+  for ax in axes.flat:
+    ax.axis("off")
+  frames = []
+  for v, value in enumerate(values):  # one figure redrawn per frame: only the pixels change
+    for artist, images in zip(shown, grid):
+      artist.set_data(_as_image(images[v]))
+    fig.suptitle(f"{title}\ntraversed dim = {value:+.2f}", fontsize=9)
+    fig.canvas.draw()
+    frames.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]))
+  plt.close(fig)
+  gif = os.path.join(out_dir, "factor_traversals_animated.gif")
+  frames[0].save(gif, save_all=True, append_images=frames[1:], duration=GIF_FRAME_MS, loop=0)
+  return [png, gif]
+
+
+def _as_image(image: np.ndarray) -> np.ndarray:
+  """f32[H, W, C] -> what imshow takes: [H, W] for one channel."""
+  return image[..., 0] if image.shape[-1] == 1 else image
+
+
+def read_sweep_run(workdir: str) -> dict:
+  """One run of a sweep: its name, objective.beta and objective.kind ("elbo" when its config
+  has no such key) from config.json; rate (KL) and log_lik (E_q log p(x|z)) in nats on the
+  test split, from eval.json if the evaluate command wrote one, else metrics.jsonl's last row;
+  and eval.json's MIG (None without factor metrics)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} holds no config.json; is it a jaxvae run's --workdir?")
+  with open(path) as f:
+    objective = json.load(f)["objective"]
+  out = {"run": os.path.basename(os.path.abspath(workdir)), "beta": float(objective["beta"]),
+         "kind": objective.get("kind", "elbo"), "mig": None}
+  eval_path = os.path.join(workdir, "eval.json")
+  if os.path.exists(eval_path):
+    with open(eval_path) as f:
+      result = json.load(f)
+    out.update(rate=result["vae"]["kl_nats"], log_lik=result["vae"]["log_lik_nats"],
+               mig=result.get("factors", {}).get("mig"))
+  elif os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    last = read_metrics(workdir)[-1]
+    out.update(rate=last["test/kl_nats"], log_lik=last["test/log_lik_nats"])
+  else:
+    raise FileNotFoundError(f"{workdir} holds neither eval.json nor metrics.jsonl; train the run "
+                            f"(and run python -m jaxvae.evaluate --workdir {workdir} for MIG)")
+  return out
+
+
+def plot_sweep(workdirs, out_dir: str) -> str:
+  """OUT/sweep.png from several runs (`read_sweep_run`): rate (KL) against distortion
+  (-E_q log p(x|z)), and MIG against beta, one line per objective kind through its betas."""
+  runs = [read_sweep_run(w) for w in workdirs]
+  fig, (ax_rd, ax_mig) = _figure("sweep", ncols=2)
+  for kind in sorted({r["kind"] for r in runs}):
+    group = sorted((r for r in runs if r["kind"] == kind), key=lambda r: r["beta"])
+    line, = ax_rd.plot([r["rate"] for r in group], [-r["log_lik"] for r in group], marker="o",
+                       label=kind)
+    for r in group:
+      ax_rd.annotate(f"\u03b2={r['beta']:g}", (r["rate"], -r["log_lik"]), fontsize=8,
+                     textcoords="offset points", xytext=(4, 4))
+    scored = [r for r in group if r["mig"] is not None]
+    if scored:
+      ax_mig.plot([r["beta"] for r in scored], [r["mig"] for r in scored], marker="o",
+                  color=line.get_color(), label=kind)
+  ax_rd.set_xlabel("rate: KL(q(z|x) || p(z)) (nats per image, test)")
+  ax_rd.set_ylabel("distortion: -E_q log p(x|z) (nats per image, test)")
+  ax_rd.legend(title="objective")
+  ax_rd.grid(alpha=0.3)
+  betas = sorted({r["beta"] for r in runs if r["mig"] is not None})
+  if betas and min(betas) > 0 and max(betas) >= 10 * min(betas):
+    ax_mig.set_xscale("log")
+  ax_mig.set_xticks(betas, [f"{b:g}" for b in betas], minor=False)
+  ax_mig.minorticks_off()
+  ax_mig.set_xlabel("beta (objective.beta)")
+  ax_mig.set_ylabel("MIG (eval.json factor metrics)")
+  ax_mig.grid(alpha=0.3)
+  unscored = [r["run"] for r in runs if r["mig"] is None]
+  if unscored:  # say why a run is missing rather than drop it silently
+    ax_mig.set_title("not shown, no factor metrics in their eval.json: " + ", ".join(unscored),
+                     fontsize=8)
+  if betas:
+    ax_mig.legend(title="objective")
+  fig.suptitle(f"sweep of {len(runs)} runs: rate-distortion and disentanglement")
+  return _save(fig, out_dir, "sweep")
+
+
 def plot_data_preview(ds: data.Dataset, out_dir: str, rows: int = 4, cols: int = 8) -> str:
   """Paper Figure 14: the first training images of each class in turn, labelled (figures/data.png)."""
   shown = _spread(ds.train.labels, rows * cols)
@@ -250,83 +411,143 @@ def tensorboard_images(model, params, ds: data.Dataset, config, key) -> dict[str
           "prior_samples": np.asarray(prior)}
 
 
+@dataclasses.dataclass
+class _Scene:
+  """What the figures of one checkpoint draw from: its model and data, the fixed eval key's
+  streams, and the test split's posterior statistics."""
+  model: models.VAE
+  params: object
+  ds: data.Dataset
+  config: object
+  key: jax.Array        # the eval key
+  out: str              # the figures folder
+  run: str
+  epoch: int | float
+  means: np.ndarray     # f32[N, K] posterior means of the test split
+  kl_dim: np.ndarray    # f32[K] KL per latent dim, test mean (nats)
+  variance: np.ndarray  # f32[K] variance of the posterior means over the test split
+  shown: np.ndarray     # int32[NUM_RECONSTRUCTIONS] test images that visit every class
+
+  @property
+  def streams(self) -> evaluate.Streams:
+    return evaluate.stream_keys(self.key)
+
+  def decode(self, z) -> np.ndarray:
+    return np.asarray(sample.decode_mean(self.model, self.params, z))
+
+  def title(self, what: str) -> str:
+    return _title(self.run, self.epoch, what)
+
+
 def draw_training_figures(workdir, model, params, ds: data.Dataset, config, key) -> list[str]:
   """Every figure of a run into WORKDIR/figures/: the metrics.jsonl curves, and the decoded
-  images and latent statistics of `params`, all drawn from the fixed eval `key`."""
+  images and latent statistics of `params`, all drawn from the fixed eval `key`; for data with
+  factor labels also `FACTOR_FIGURES`."""
   rows = read_metrics(workdir)
   run = os.path.basename(os.path.abspath(workdir))
-  epoch = rows[-1]["epoch"]
   out = os.path.join(workdir, "figures")
-  streams = evaluate.stream_keys(key)
-  k_neigh, k_prior, k_pairs = jax.random.split(streams.figures, 3)
-  decode = lambda z: np.asarray(sample.decode_mean(model, params, z))
-  test = ds.test
-  means, kl = evaluate.posterior_stats(model, params, test.images, key, config.data.binarize,
+  means, kl = evaluate.posterior_stats(model, params, ds.test.images, key, config.data.binarize,
                                        config.eval.batch_size, parallel.make_mesh(local=True))
-  kl_dim = kl.mean(axis=0)
-  _, variance = evaluate.active_units(means)
+  scene = _Scene(model, params, ds, config, key, out, run, rows[-1]["epoch"], means,
+                 kl.mean(axis=0), evaluate.active_units(means)[1],
+                 _spread(ds.test.labels, NUM_RECONSTRUCTIONS))
   paths = [plot_loss(rows, out, run), plot_ssim(rows, out, run)]
+  if any("test/kl_per_dim_nats" in r for r in rows):  # not in runs logged before it existed
+    paths.append(plot_kl_per_dim_training(rows, out, run))
+  paths += _encoding_figures(scene) + _walk_figures(scene)
+  if ds.train.factors is not None:
+    paths += _factor_figures(scene)
+  return paths
 
+
+def _encoding_figures(scene: _Scene) -> list[str]:
+  """Figures 17-20 and the KL per dim: test images encoded and decoded again, the posterior
+  means in 2-D, prior samples, and neighbourhoods of test encodings."""
+  test, streams, decode, title = scene.ds.test, scene.streams, scene.decode, scene.title
+  k_neigh, k_prior, _ = jax.random.split(streams.figures, 3)
   # 17: test images of every class, decoded from their posterior mean and from a posterior draw.
-  shown = _spread(test.labels, NUM_RECONSTRUCTIONS)
-  originals, x = evaluate.model_inputs(test.images[shown], shown, streams.binarize,
-                                       config.data.binarize)
-  mean, log_scale = model.apply(params, x, method=models.VAE.encode)
+  originals, x = evaluate.model_inputs(test.images[scene.shown], scene.shown, streams.binarize,
+                                       scene.config.data.binarize)
+  mean, log_scale = scene.model.apply(scene.params, x, method=models.VAE.encode)
   z = distributions.sample_diag_gaussian(streams.elbo, mean, log_scale)[0]
-  paths.append(plot_reconstructions(np.asarray(originals), decode(mean), decode(z), out,
-                                    _title(run, epoch, "test images and reconstructions")))
-
-  paths.append(plot_latent_2d(means, test.labels, ds.class_names, out,
-                              _title(run, epoch, f"posterior means of {len(means)} test images")))
-
-  prior = np.asarray(sample.prior_samples(model, params, k_prior, PRIOR_GRID ** 2))
+  paths = [plot_reconstructions(np.asarray(originals), decode(mean), decode(z), scene.out,
+                                title("test images and reconstructions"))]
+  paths.append(plot_latent_2d(scene.means, test.labels, scene.ds.class_names, scene.out,
+                              title(f"posterior means of {len(scene.means)} test images")))
+  prior = np.asarray(sample.prior_samples(scene.model, scene.params, k_prior, PRIOR_GRID ** 2))
   paths.append(plot_image_grid(
-      "fig19_prior_samples", prior.reshape((PRIOR_GRID, PRIOR_GRID) + prior.shape[1:]), out,
-      _title(run, epoch, "decoded samples z ~ N(0, I)\n(means of p(x|z), pixels in [0, 1])")))
-
-  rows_n, cols_n = min(NEIGHBOURS[0], len(shown)), NEIGHBOURS[1]
-  centres = means[shown[:rows_n]]
-  neigh = np.asarray(sample.neighbourhood(model, params, k_neigh, centres, cols_n,
+      "fig19_prior_samples", prior.reshape((PRIOR_GRID, PRIOR_GRID) + prior.shape[1:]),
+      scene.out, title("decoded samples z ~ N(0, I)\n(means of p(x|z), pixels in [0, 1])")))
+  rows_n, cols_n = min(NEIGHBOURS[0], len(scene.shown)), NEIGHBOURS[1]
+  centres = scene.means[scene.shown[:rows_n]]
+  neigh = np.asarray(sample.neighbourhood(scene.model, scene.params, k_neigh, centres, cols_n,
                                           NEIGHBOUR_SCALE))
   grid = np.concatenate([np.asarray(originals[:rows_n])[:, None], decode(centres)[:, None],
                          neigh], axis=1)
   paths.append(plot_image_grid(
-      "fig20_neighbourhood", grid, out,
-      _title(run, epoch, f"neighbourhood of test encodings: decoded z + {NEIGHBOUR_SCALE} * eps"),
+      "fig20_neighbourhood", grid, scene.out,
+      title(f"neighbourhood of test encodings: decoded z + {NEIGHBOUR_SCALE} * eps"),
       col_labels=["original", "z = mean"] + [f"#{i + 1}" for i in range(cols_n)]))
+  kl_dim, variance = scene.kl_dim, scene.variance
+  paths.append(plot_kl_per_dim(
+      kl_dim, variance, scene.out,
+      title(f"KL per latent dim, total {kl_dim.sum():.2f} nats; "
+            f"{int((variance > evaluate.ACTIVE_UNIT_THRESHOLD).sum())}/{len(kl_dim)} "
+            "active units")))
+  return paths
 
+
+def _walk_figures(scene: _Scene) -> list[str]:
+  """Walks through the latent space: interpolations between test pairs, and traversals of the
+  dims with the largest KL."""
+  test, means, title = scene.ds.test, scene.means, scene.title
   # Interpolations between posterior means of test pairs, preferring pairs of different classes.
-  pairs = _pairs(test.labels, INTERP_PAIRS, k_pairs)
+  pairs = _pairs(test.labels, INTERP_PAIRS, jax.random.split(scene.streams.figures, 3)[2])
   col_labels = ["A"] + [f"{t:.2f}" for t in np.linspace(0, 1, INTERP_STEPS)] + ["B"]
+  paths = []
   for kind, fn in (("linear", sample.lerp), ("spherical", sample.slerp)):
     path_z = fn(means[pairs[:, 0]], means[pairs[:, 1]], INTERP_STEPS)
     ends = [np.asarray(data.to_unit_interval(test.images[pairs[:, i]], None))[:, None]
             for i in (0, 1)]
-    grid = np.concatenate([ends[0], decode(path_z), ends[1]], axis=1)
+    grid = np.concatenate([ends[0], scene.decode(path_z), ends[1]], axis=1)
     paths.append(plot_image_grid(
-        f"interpolation_{kind}", grid, out,
-        _title(run, epoch, f"{kind} interpolation between posterior means of test images A, B"),
-        row_labels=[f"{ds.class_names[test.labels[a]]} -> {ds.class_names[test.labels[b]]}"
-                    for a, b in pairs],
+        f"interpolation_{kind}", grid, scene.out,
+        title(f"{kind} interpolation between posterior means of test images A, B"),
+        row_labels=[f"{scene.ds.class_names[test.labels[a]]} -> "
+                    f"{scene.ds.class_names[test.labels[b]]}" for a, b in pairs],
         col_labels=col_labels, xlabel="t (A at 0, B at 1); outer columns: the originals"))
-
+  kl_dim, centre = scene.kl_dim, scene.shown[0]
   dims = np.argsort(kl_dim)[::-1][:TRAVERSAL_DIMS]
-  trav = decode(sample.traversal(means[shown[0]], [int(d) for d in dims], TRAVERSAL_VALUES))
+  trav = scene.decode(sample.traversal(means[centre], [int(d) for d in dims], TRAVERSAL_VALUES))
   paths.append(plot_image_grid(
-      "latent_traversals", trav, out,
-      _title(run, epoch, f"latent traversals of the dims with the largest KL, around test "
-                         f"image {shown[0]}"),
+      "latent_traversals", trav, scene.out,
+      title(f"latent traversals of the dims with the largest KL, around test image {centre}"),
       row_labels=[f"z{d}\nKL {kl_dim[d]:.2f} nats" for d in dims],
       col_labels=[f"{v:+.1f}" for v in TRAVERSAL_VALUES],
       xlabel="value of the traversed dim (prior standard deviations); other dims at the "
              "posterior mean"))
-
-  paths.append(plot_kl_per_dim(
-      kl_dim, variance, out,
-      _title(run, epoch, f"KL per latent dim, total {kl_dim.sum():.2f} nats; "
-                         f"{int((variance > evaluate.ACTIVE_UNIT_THRESHOLD).sum())}/{len(kl_dim)} "
-                         "active units")))
   return paths
+
+
+def _factor_figures(scene: _Scene) -> list[str]:
+  """`FACTOR_FIGURES`: traversals of every dim (up to FACTOR_TRAVERSAL_DIMS, by KL) around one
+  test image, each row labelled with the factor its dim holds most information about."""
+  ds, kl_dim = scene.ds, scene.kl_dim
+  mi = evaluate.factor_mutual_info(scene.model, scene.params, scene.config, ds, scene.key,
+                                   parallel.make_mesh(local=True))
+  labels = factor_labels(mi, scene.variance > evaluate.ACTIVE_UNIT_THRESHOLD, ds.factor_names)
+  dims = np.argsort(kl_dim)[::-1][:FACTOR_TRAVERSAL_DIMS]
+  centre = scene.shown[0]
+  grid = scene.decode(sample.traversal(scene.means[centre], [int(d) for d in dims],
+                                       FACTOR_TRAVERSAL_VALUES))
+  dims_shown = ("every latent dim" if len(dims) == len(kl_dim)
+                else f"the {len(dims)} of {len(kl_dim)} latent dims of largest KL")
+  original = np.asarray(data.to_unit_interval(ds.test.images[centre], None))
+  return plot_factor_traversals(
+      grid, [f"z{d}  KL {kl_dim[d]:.2f}\n{labels[d]}" for d in dims], FACTOR_TRAVERSAL_VALUES,
+      original, scene.out,
+      scene.title(f"traversals of {dims_shown} around test image {centre}\neach labelled with "
+                  "the factor it shares the most information with (binned MI, nats)"))
 
 
 def _spread(labels: np.ndarray, num: int) -> np.ndarray:
@@ -349,7 +570,16 @@ def _pairs(labels: np.ndarray, num: int, key: jax.Array) -> np.ndarray:
 
 
 def main(argv):
-  workdir = flags.FLAGS.workdir
+  workdir, sweep, out = flags.FLAGS.workdir, flags.FLAGS.sweep, flags.FLAGS.out
+  if sweep:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not out:
+      raise app.UsageError("--sweep needs --out, the folder to write sweep.png into")
+    print(f"wrote {plot_sweep(sweep, out)}")
+    return
+  if out:
+    raise app.UsageError(f"--out goes with --sweep; --workdir draws into {workdir}/figures")
   run = run_lib.restore_run_for_command(argv, workdir)
   for path in draw_training_figures(workdir, run.model, run.state.params, run.dataset, run.config,
                                     run.keys.eval):
@@ -359,5 +589,8 @@ def main(argv):
 if __name__ == "__main__":  # flags defined only here: train.py, which imports this, has --workdir
   flags.DEFINE_string("workdir", None, "A training run's --workdir (config.json, checkpoints/, "
                       "metrics.jsonl).")
-  flags.mark_flags_as_required(["workdir"])
+  flags.DEFINE_list("sweep", None, "Run workdirs, comma-separated, to draw as one sweep "
+                    "(config.json, and eval.json or metrics.jsonl, each).")
+  flags.DEFINE_string("out", None, "With --sweep: the folder for sweep.png.")
+  flags.mark_flags_as_mutual_exclusive(["workdir", "sweep"], required=True)
   app.run(run_lib.exit_on_user_error(main))

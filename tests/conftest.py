@@ -26,3 +26,21 @@ def tiny_digits_config(num_epochs: int = 2):
 def needs(path: Path):
   return pytest.mark.skipif(not path.exists(), reason=f"real data copy {path} is absent "
                             "(it lives in ../shared/data beside the checkout)")
+
+
+def tiny_sprites_config(num_steps: int = 30):
+  """dSprites cut to 2,000 grid points, a tiny MLP and `num_steps` steps, evaluated every 10:
+  a run with factor labels in seconds."""
+  from jaxvae.config import base_config
+  config = base_config()
+  config.data.source = "sprites"
+  config.data.sprites_subsample = 2000
+  config.model.likelihood = "bernoulli"
+  config.model.hidden = (32,)
+  config.model.latent_dim = 5
+  config.num_steps = num_steps
+  config.eval.every_steps = 10
+  config.eval.batch_size = 1000
+  config.log.progress = False
+  config.log.tensorboard = False  # the digits runs cover it; TensorFlow takes seconds to import
+  return config

@@ -22,13 +22,19 @@ def run_dir(tmp_path_factory):
   return workdir
 
 
+# Digits have no factor labels, and a sweep is drawn from several runs.
+ONE_RUN_FIGURES = [n for n in figures.FIGSIZES
+                   if n not in figures.FACTOR_FIGURES + figures.SWEEP_FIGURES]
+
+
 def _pixels(path) -> np.ndarray:
   with Image.open(path) as im:
     return np.asarray(im.convert("RGB"))
 
 
 def test_training_draws_every_figure_at_its_declared_size(run_dir):
-  for name, (w, h) in figures.FIGSIZES.items():
+  for name in ONE_RUN_FIGURES:
+    w, h = figures.FIGSIZES[name]
     pixels = _pixels(run_dir / "figures" / f"{name}.png")
     assert pixels.shape[:2] == (round(h * figures.DPI), round(w * figures.DPI)), name
     # Not blank: many grey levels (text, curves or decoded images), not one flat colour.
@@ -39,7 +45,23 @@ def test_redrawing_from_the_checkpoint_overwrites_the_same_files(run_dir):
   run = run_lib.restore_run(str(run_dir))
   paths = figures.draw_training_figures(str(run_dir), run.model, run.state.params, run.dataset,
                                         run.config, run.keys.eval)
-  assert sorted(p.rsplit("/", 1)[1] for p in paths) == sorted(f"{n}.png" for n in figures.FIGSIZES)
+  # All but the data preview, which training draws once, at its start.
+  assert sorted(p.rsplit("/", 1)[1] for p in paths) == sorted(
+      f"{n}.png" for n in ONE_RUN_FIGURES if n != "data")
+
+
+def test_metrics_rows_carry_the_kl_per_dim_beside_the_tensorboard_scalars(run_dir):
+  rows = figures.read_metrics(str(run_dir))
+  assert all(len(r["test/kl_per_dim_nats"]) == 4 for r in rows)
+  assert any((run_dir / "tensorboard").iterdir())  # the writer skipped the list, did not fail
+
+
+def test_kl_per_dim_curve_skips_rows_logged_before_the_key(tmp_path):
+  kl = np.random.default_rng(0).uniform(0, 3, (3, 12))  # more dims than the legend names
+  rows = [{"epoch": 1, "step": 10}] + [
+      {"epoch": e, "step": 10 * e, "test/kl_per_dim_nats": kl[e - 2].tolist()} for e in (2, 3, 4)]
+  path = figures.plot_kl_per_dim_training(rows, str(tmp_path), "old")
+  assert _pixels(path).shape[:2] == (450, 1000)
 
 
 def test_ssim_curve_reads_runs_logged_before_the_mean_and_draw_keys(tmp_path):
