@@ -412,8 +412,11 @@ def _progress_bar(run: _Run, row_step: int, total: int, done: int) -> tqdm.tqdm:
   else:
     label = f"epoch {row_step // run.steps_per_epoch}/{math.ceil(run.end_step / run.steps_per_epoch)}"
   enabled = run.config.log.progress and sys.stderr.isatty() and parallel.is_primary()
+  # A terminal that reports no size (a bare pseudo-terminal) would make tqdm draw nothing.
+  size = os.get_terminal_size(sys.stderr.fileno()) if enabled else None
+  fixed = {"ncols": 100, "nrows": 24} if size and not (size.columns and size.lines) else {}
   return tqdm.tqdm(total=total, initial=done, desc=label, disable=not enabled, ascii=True,
-                   leave=False, unit="step", dynamic_ncols=True)
+                   leave=False, unit="step", dynamic_ncols=not fixed, **fixed)
 
 
 def _end_period(run: _Run, state: TrainState, keys: Keys, sums: dict, steps_run: int,
