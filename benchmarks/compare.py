@@ -80,7 +80,7 @@ def main(argv):
   runs = []
   for label, config in variants:
     model = models.make_model(config.model, shape)
-    tx = optim.make_optimizer(config.optimizer)
+    tx = optim.make_optimizer(config.optimizer, steps)
     keys = state_lib.Keys.from_seed(config.seed)
     fresh = functools.partial(train.init_state, model, tx, keys.init, shape)
     chunk = train.make_train_chunk(train.make_train_step(model, tx, config), mesh)

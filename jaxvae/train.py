@@ -264,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   chunk_steps = math.ceil(steps_per_epoch / chunks)
 
   model = models.make_model(config.model, ds.image_shape)
-  tx = optim.make_optimizer(config.optimizer)
+  tx = optim.make_optimizer(config.optimizer, steps_per_epoch)
   replicated = parallel.replicated(mesh)
   # Replicated over the mesh, like the state: orbax saves only global arrays in a multi-process run.
   keys = Keys(**parallel.replicate(Keys.from_seed(config.seed).as_dict(), mesh))
