@@ -43,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.obs_sigma = 0.5 ** 0.5   # gaussian, fixed: sigma of p(x|z)
   c.model.decoder_mean = "sigmoid"  # gaussian: sigmoid (paper) | identity
   c.model.log_scale_bound = 7.0    # every log-scale is soft-clamped to (-bound, bound)
+  c.model.kernel_init = "lecun_normal"  # lecun_normal (flax's default) | glorot_uniform
+  c.model.output_bias_init = "zeros"  # mlp decoder: zeros | data_mean (decodes to the train mean)
   c.model.compute_dtype = "float32"  # float32 | bfloat16: the layers' products (float32 sums);
                                      # parameters, activations, Adam and the loss stay float32
 
@@ -113,6 +115,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c.model.obs_scale, models.OBS_SCALES, "model.obs_scale")
   _choice(c.model.decoder_mean, models.DECODER_MEANS, "model.decoder_mean")
   _choice(c.model.compute_dtype, models.COMPUTE_DTYPES, "model.compute_dtype")
+  _choice(c.model.kernel_init, tuple(models.KERNEL_INITS), "model.kernel_init")
+  _choice(c.model.output_bias_init, models.OUTPUT_BIAS_INITS, "model.output_bias_init")
+  if c.model.output_bias_init == "data_mean" and c.model.arch != "mlp":
+    raise ConfigError("config.model.output_bias_init='data_mean' needs config.model.arch='mlp' "
+                      "(the conv decoder's output bias is one per channel, not per pixel)")
   _choice(c.optimizer.skip_nonfinite, SKIP_NONFINITE, "optimizer.skip_nonfinite")
   _choice(c.optimizer.schedule, optim.SCHEDULES, "optimizer.schedule")
   for key in ("model.hidden", "model.conv_channels"):

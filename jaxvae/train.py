@@ -263,7 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   chunks = min(config.log.chunks_per_epoch, steps_per_epoch)
   chunk_steps = math.ceil(steps_per_epoch / chunks)
 
-  model = models.make_model(config.model, ds.image_shape)
+  model = models.make_model(config.model, ds.image_shape,
+                            data.pixel_mean(ds.train.images, config.data.binarize))
   tx = optim.make_optimizer(config.optimizer, steps_per_epoch)
   replicated = parallel.replicated(mesh)
   # Replicated over the mesh, like the state: orbax saves only global arrays in a multi-process run.
