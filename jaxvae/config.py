@@ -69,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 1000         # test-split batch; the split is padded, never truncated
+  c.eval.every_epochs = 1          # score the test split every N epochs, and after the last
   c.eval.iw_samples = 1000         # K of the IWAE bound in `python -m jaxvae.evaluate`
   c.eval.iw_batch_size = 10        # IWAE: images per step; iw_batch_size * iw_chunk decoded at once
   c.eval.iw_chunk = 100            # IWAE: importance samples drawn per decoder call
@@ -99,7 +100,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first key whose value cannot run."""
   for key in ("num_epochs", "batch_size", "model.latent_dim", "objective.num_samples",
               "eval.batch_size", "eval.iw_samples", "eval.iw_batch_size", "eval.iw_chunk",
-              "log.chunks_per_epoch", "checkpoint.every_epochs",
+              "eval.every_epochs", "log.chunks_per_epoch", "checkpoint.every_epochs",
               "checkpoint.keep", "optimizer.max_consecutive_skips"):
     value = c
     for part in key.split("."):

@@ -76,12 +76,19 @@ def _series(rows: list[dict], *keys: str) -> np.ndarray | None:
   return None
 
 
+def _evaluated(rows: list[dict]) -> list[dict]:
+  """The rows of the epochs whose test split was scored (see `config.eval.every_epochs`)."""
+  return [r for r in rows if any(k.startswith("test/") for k in r)]
+
+
 def plot_loss(rows: list[dict], out_dir: str, run: str = "") -> str:
   """Paper Figure 15: training and test -ELBO per epoch, and the KL term beside it."""
   epochs = [r["epoch"] for r in rows]
   fig, (ax, ax_kl) = _figure("fig15_loss", ncols=2)
   ax.plot(epochs, -_series(rows, "train/elbo_nats"), marker=".", label="train -ELBO")
-  ax.plot(epochs, -_series(rows, "test/elbo_nats"), marker=".", label="test -ELBO")
+  tested = _evaluated(rows)
+  test_epochs = [r["epoch"] for r in tested]
+  ax.plot(test_epochs, -_series(tested, "test/elbo_nats"), marker=".", label="test -ELBO")
   loss = _series(rows, "train/loss")
   if np.any(loss != -_series(rows, "train/elbo_nats")):
     ax.plot(epochs, loss, "--", label="train loss (beta-weighted KL)")
@@ -91,7 +98,7 @@ def plot_loss(rows: list[dict], out_dir: str, run: str = "") -> str:
   ax.set_title("loss (lower is better)")
   ax.legend()
   ax_kl.plot(epochs, _series(rows, "train/kl_nats"), marker=".", label="train")
-  ax_kl.plot(epochs, _series(rows, "test/kl_nats"), marker=".", label="test")
+  ax_kl.plot(test_epochs, _series(tested, "test/kl_nats"), marker=".", label="test")
   ax_kl.set_xlabel("epoch")
   ax_kl.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax_kl.set_ylabel("KL(q(z|x) || p(z)) (nats per image)")
@@ -106,9 +113,10 @@ def plot_ssim(rows: list[dict], out_dir: str, run: str = "") -> str:
   posterior mean."""
   epochs = [r["epoch"] for r in rows]
   fig, ax = _figure("fig16_ssim")
+  tested = _evaluated(rows)
   # "test/ssim": the key of runs logged before reconstructions said how they were decoded.
-  ax.plot(epochs, _series(rows, "test/recon_mean_ssim", "test/ssim"), marker=".",
-          label="decoded from the posterior mean")
+  ax.plot([r["epoch"] for r in tested], _series(tested, "test/recon_mean_ssim", "test/ssim"),
+          marker=".", label="decoded from the posterior mean")
   ax.set_xlabel("epoch")
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_ylabel("SSIM (dm-pix, test split mean)")

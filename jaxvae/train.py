@@ -345,17 +345,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         row["train/seconds"] = train_seconds
         row["train/images_per_s"] = ((steps_per_epoch - start_step) * config.batch_size
                                      / train_seconds)
-        t1 = time.time()
-        row.update({f"test/{k}": v for k, v in evaluator(state.params, keys.eval).items()})
-        row["test/seconds"] = time.time() - t1
+        last = epoch + 1 == config.num_epochs
+        if last or (epoch + 1) % config.eval.every_epochs == 0:
+          t1 = time.time()
+          row.update({f"test/{k}": v for k, v in evaluator(state.params, keys.eval).items()})
+          row["test/seconds"] = time.time() - t1
         run_lib.append_jsonl(metrics_path, row)  # before the checkpoint: a kill in between replays the epoch
         history.append(row)
         print(_summary(row), flush=True)
         progress = {"epoch": epoch + 1, "step_in_epoch": 0, "sums": {}}
-        last = epoch + 1 == config.num_epochs
         if last or stop_signum or (epoch + 1) % config.checkpoint.every_epochs == 0:
+          best = row.get(checkpoint.BEST_METRIC)  # absent from an epoch without evaluation
           checkpoint.save(manager, int(state.step), {"state": state, "keys": keys.as_dict()},
-                          progress, {checkpoint.BEST_METRIC: row[checkpoint.BEST_METRIC]})
+                          progress, None if best is None else {checkpoint.BEST_METRIC: best})
         if parallel.is_primary() and (
             last or (config.figures_every and (epoch + 1) % config.figures_every == 0)):
           # Local copies: computing on the global arrays would need every process to join in.
@@ -382,6 +384,6 @@ def _summary(row: dict) -> str:
   keys = ("train/loss", "test/elbo_nats", "test/bits_per_dim", "test/recon_mean_ssim")
   parts = [f"{k} {row[k]:.4g}" for k in keys if k in row]
   return (f"epoch {row['epoch']} step {row['step']}: " + ", ".join(parts)
-          + f", {row['train/seconds']:.1f}s train ({row['train/images_per_s']:.0f} img/s), "
-          f"{row['test/seconds']:.1f}s test")
+          + f", {row['train/seconds']:.1f}s train ({row['train/images_per_s']:.0f} img/s)"
+          + (f", {row['test/seconds']:.1f}s test" if "test/seconds" in row else ""))
 

@@ -13,7 +13,8 @@ import pytest
 from configs import cifar10
 from conftest import CIFAR10_TGZ, REPO, needs, tiny_digits_config
 from jaxvae import config as config_lib
-from jaxvae import data, evaluate, models, optim, parallel
+from jaxvae import data, evaluate, figures, models, optim, parallel
+from jaxvae import run as run_lib
 from jaxvae import state as state_lib
 from jaxvae import train as train_lib
 
@@ -44,6 +45,22 @@ def test_loss_falls_on_real_digits_and_steps_are_counted(digits_run):
     # Bernoulli on 64 binary pixels: bits/dim is -ELBO / (64 ln 2).
     assert r["test/bits_per_dim"] == pytest.approx(-r["test/elbo_nats"] / (64 * math.log(2)))
     assert 0 < r["test/recon_mean_ssim"] <= 1 and r["train/kl_nats"] > 0
+
+
+def test_eval_every_epochs_scores_every_nth_epoch_and_the_last(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(figures, "draw_training_figures", lambda *args, **kwargs: None)  # slow
+  config = tiny_digits_config(num_epochs=3)
+  config.eval.every_epochs = 2
+  rows = train_lib.train_and_evaluate(config, str(tmp_path)).history
+  assert [any(k.startswith("test/") for k in r) for r in rows] == [False, True, True]
+  summaries = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+  assert "test" not in summaries[0] and "s test" in summaries[1]
+  # Every epoch still checkpoints (epoch 1 without a metric to rank it) and restores.
+  assert {"46", "92", "138"} <= set(os.listdir(tmp_path / "checkpoints"))
+  assert run_lib.restore_run(str(tmp_path)).progress["epoch"] == 3
+  # The test curves have points at the evaluated epochs alone.
+  for plot in (figures.plot_loss, figures.plot_ssim):
+    assert os.path.getsize(plot(rows, str(tmp_path / "figures"))) > 5000
 
 
 def test_epoch_batches_cover_each_image_once_and_depend_on_the_epoch():
