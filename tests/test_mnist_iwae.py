@@ -44,6 +44,9 @@ def test_config_is_the_papers_784_200_200_50_model():
   encoder = (784 * 200 + 200) + (200 * 200 + 200) + 2 * (200 * 50 + 50)
   decoder = (50 * 200 + 200) + (200 * 200 + 200) + (200 * 784 + 784)
   assert encoder + decoder == 425_284 == models.count_params(params)
+  model = models.make_model(config.model, MNIST_SHAPE, np.full(MNIST_SHAPE, 0.5))
+  assert model.encoder.activation is model.decoder.activation is jax.numpy.tanh
+  assert (model.likelihood, config.data.binarize) == ("bernoulli", "dynamic")
   assert (config.batch_size, config.num_epochs, config.eval.iw_samples) == (20, 3280, 5000)
   assert (config.optimizer.b1, config.optimizer.b2, config.optimizer.eps) == (0.9, 0.999, 1e-4)
   assert optim.schedule_stages(config.optimizer)[0][-1] == config.num_epochs
