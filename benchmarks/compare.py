@@ -23,7 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxvae import config as config_lib
-from jaxvae import models, objectives, optim, parallel, train
+from jaxvae import data, models, objectives, optim, parallel, train
 from jaxvae import state as state_lib
 from rates import matmul_rate, step_matmuls
 
@@ -79,8 +79,8 @@ def main(argv):
 
   runs = []
   for label, config in variants:
-    model = models.make_model(config.model, shape)
-    tx = optim.make_optimizer(config.optimizer)
+    model = models.make_model(config.model, shape, data.pixel_mean(images, config.data.binarize))
+    tx = optim.make_optimizer(config.optimizer, steps)
     keys = state_lib.Keys.from_seed(config.seed)
     fresh = functools.partial(train.init_state, model, tx, keys.init, shape)
     chunk = train.make_train_chunk(train.make_train_step(model, tx, config), mesh)

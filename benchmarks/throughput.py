@@ -106,8 +106,9 @@ def main(argv):
   steps_per_epoch = num_train // config.batch_size
   chunk_steps = math.ceil(steps_per_epoch / min(config.log.chunks_per_epoch, steps_per_epoch))
 
-  model = models.make_model(config.model, ds.image_shape)
-  tx = optim.make_optimizer(config.optimizer)
+  model = models.make_model(config.model, ds.image_shape,
+                            data.pixel_mean(ds.train.images, config.data.binarize))
+  tx = optim.make_optimizer(config.optimizer, steps_per_epoch)
   keys = state_lib.Keys(**parallel.replicate(state_lib.Keys.from_seed(config.seed).as_dict(), mesh))
   state = parallel.replicate(state_lib.init_state(model, tx, keys.init, ds.image_shape), mesh)
   train_step = train.make_train_step(model, tx, config)

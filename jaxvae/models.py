@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxvae import distributions
 
@@ -20,6 +21,15 @@ ARCHITECTURES = ("mlp", "conv")
 OBS_SCALES = ("fixed", "learned_global", "learned_pixel")
 DECODER_MEANS = ("sigmoid", "identity")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# Every dense and conv kernel; biases start at zero (but see OUTPUT_BIAS_INITS).
+KERNEL_INITS: dict[str, Callable] = {
+    "lecun_normal": nn.initializers.lecun_normal(),  # flax's default
+    "glorot_uniform": nn.initializers.glorot_uniform(),  # U(+-sqrt(6 / (fan_in + fan_out)))
+}
+# The MLP decoder's output bias: zeros, or the output that decodes to the training split's
+# mean image (`output_bias`), as Burda et al.'s code starts its Bernoulli decoder.
+OUTPUT_BIAS_INITS = ("zeros", "data_mean")
+MEAN_CLIP = 1e-3  # that code clips the mean into [0.001, 0.999] before its logit
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -61,16 +71,17 @@ def _bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
   return _bf16_product(lhs, rhs, dimension_numbers)
 
 
-def _layer(cls, dtype):
-  """nn.Dense or nn.Conv computing in `dtype`: float32, or bfloat16 products that sum in
-  float32 (parameters and the activations between layers stay float32). Dense products are
-  bfloat16 forward and backward; convolutions forward only."""
+def _layer(cls, dtype, kernel_init):
+  """nn.Dense or nn.Conv with `kernel_init`, computing in `dtype`: float32, or bfloat16
+  products that sum in float32 (parameters and the activations between layers stay float32).
+  Dense products are bfloat16 forward and backward; convolutions forward only."""
   if dtype == jnp.float32:
-    return cls
+    return functools.partial(cls, kernel_init=kernel_init)
   if cls is nn.Dense:
-    return functools.partial(nn.Dense, dot_general=_bf16_dot_general)
-  return functools.partial(cls, dtype=dtype, conv_general_dilated=functools.partial(
-      jax.lax.conv_general_dilated, preferred_element_type=jnp.float32))
+    return functools.partial(nn.Dense, kernel_init=kernel_init, dot_general=_bf16_dot_general)
+  return functools.partial(cls, kernel_init=kernel_init, dtype=dtype,
+                           conv_general_dilated=functools.partial(
+                               jax.lax.conv_general_dilated, preferred_element_type=jnp.float32))
 
 
 class MLPEncoder(nn.Module):
@@ -79,10 +90,11 @@ class MLPEncoder(nn.Module):
   latent_dim: int
   activation: Callable = nn.gelu
   dtype: jnp.dtype = jnp.float32  # of the layers' products (see `_layer`)
+  kernel_init: Callable = KERNEL_INITS["lecun_normal"]
 
   @nn.compact
   def __call__(self, x):
-    dense = _layer(nn.Dense, self.dtype)
+    dense = _layer(nn.Dense, self.dtype, self.kernel_init)
     h = x.reshape(x.shape[0], -1)
     for width in self.hidden:
       h = self.activation(dense(width)(h))
@@ -90,21 +102,26 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-  """z f32[B, K] -> f32[B, H, W, C * out_per_pixel] raw decoder outputs."""
+  """z f32[B, K] -> f32[B, H, W, C * out_per_pixel] raw decoder outputs.
+
+  `output_bias_init` initializes the output layer's bias f32[H * W * C * out_per_pixel].
+  """
   hidden: Sequence[int]
   image_shape: Sequence[int]
   out_per_pixel: int = 1
   activation: Callable = nn.gelu
   dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = KERNEL_INITS["lecun_normal"]
+  output_bias_init: Callable = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, z):
-    dense = _layer(nn.Dense, self.dtype)
+    dense = _layer(nn.Dense, self.dtype, self.kernel_init)
     h = z
     for width in reversed(self.hidden):
       h = self.activation(dense(width)(h))
     height, width, c = self.image_shape
-    out = dense(height * width * c * self.out_per_pixel)(h)
+    out = dense(height * width * c * self.out_per_pixel, bias_init=self.output_bias_init)(h)
     return out.reshape(z.shape[0], height, width, c * self.out_per_pixel)
 
 
@@ -123,13 +140,15 @@ class ConvEncoder(nn.Module):
   latent_dim: int
   activation: Callable = nn.gelu
   dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = KERNEL_INITS["lecun_normal"]
 
   @nn.compact
   def __call__(self, x):
-    dense = _layer(nn.Dense, self.dtype)
+    dense = _layer(nn.Dense, self.dtype, self.kernel_init)
+    conv = _layer(nn.Conv, self.dtype, self.kernel_init)
     h = x
     for ch in self.channels:
-      h = self.activation(_layer(nn.Conv, self.dtype)(ch, (4, 4), strides=(2, 2), padding="SAME")(h))
+      h = self.activation(conv(ch, (4, 4), strides=(2, 2), padding="SAME")(h))
     h = h.reshape(h.shape[0], -1)
     for width in self.hidden:
       h = self.activation(dense(width)(h))
@@ -148,10 +167,11 @@ class ConvDecoder(nn.Module):
   out_per_pixel: int = 1
   activation: Callable = nn.gelu
   dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = KERNEL_INITS["lecun_normal"]
 
   @nn.compact
   def __call__(self, z):
-    dense = _layer(nn.Dense, self.dtype)
+    dense = _layer(nn.Dense, self.dtype, self.kernel_init)
     height, width, c = self.image_shape
     hs = _downsampled_sizes(height, len(self.channels))
     ws = _downsampled_sizes(width, len(self.channels))
@@ -163,7 +183,7 @@ class ConvDecoder(nn.Module):
     for i, ch in reversed(list(enumerate(self.channels))):
       h = jax.image.resize(h, (h.shape[0], hs[i], ws[i], h.shape[-1]), "nearest")
       out = c * self.out_per_pixel if i == 0 else self.channels[i - 1]
-      h = _layer(nn.Conv, self.dtype)(out, (3, 3), padding="SAME")(h)
+      h = _layer(nn.Conv, self.dtype, self.kernel_init)(out, (3, 3), padding="SAME")(h)
       if i > 0:
         h = self.activation(h)
     return h
@@ -223,19 +243,49 @@ class VAE(nn.Module):
     return self.decode(mean)
 
 
-def make_model(model_cfg, image_shape: Sequence[int]) -> VAE:
-  """Builds the VAE a `config.model` describes for images of `image_shape` (H, W, C)."""
+def output_bias(model_cfg, pixel_mean: np.ndarray) -> np.ndarray:
+  """The decoder output f32[H, W, C * out_per_pixel] whose likelihood mean is `pixel_mean`.
+
+  pixel_mean: f32[H, W, C] in [0, 1], the training split's mean image (for binary data, each
+  pixel's probability of a 1), clipped to [MEAN_CLIP, 1 - MEAN_CLIP] so no logit is infinite.
+  Bernoulli logits and sigmoid means get logit(mean), an identity Gaussian mean the mean
+  itself; the discretized logistic's log-scale channels get 0.
+  """
+  p = np.clip(np.asarray(pixel_mean, np.float64), MEAN_CLIP, 1 - MEAN_CLIP)
+  identity = model_cfg.likelihood == "gaussian" and model_cfg.decoder_mean == "identity"
+  out = p if identity else np.log(p) - np.log1p(-p)
+  if model_cfg.likelihood == "discretized_logistic":
+    out = np.concatenate([out, np.zeros_like(out)], axis=-1)
+  return out.astype(np.float32)
+
+
+def make_model(model_cfg, image_shape: Sequence[int], pixel_mean: np.ndarray | None = None) -> VAE:
+  """Builds the VAE a `config.model` describes for images of `image_shape` (H, W, C).
+
+  pixel_mean: f32[H, W, C], the training split's mean image in [0, 1] (`data.pixel_mean`);
+  needed by `model.output_bias_init="data_mean"` only.
+  """
   act = ACTIVATIONS[model_cfg.activation]
   dtype = jnp.dtype(model_cfg.compute_dtype)
   hidden = tuple(model_cfg.hidden)
+  kernel_init = KERNEL_INITS[model_cfg.kernel_init]
   out_per_pixel = 2 if model_cfg.likelihood == "discretized_logistic" else 1
   if model_cfg.arch == "mlp":
-    encoder = MLPEncoder(hidden, model_cfg.latent_dim, act, dtype)
-    decoder = MLPDecoder(hidden, tuple(image_shape), out_per_pixel, act, dtype)
+    encoder = MLPEncoder(hidden, model_cfg.latent_dim, act, dtype, kernel_init)
+    bias_init = nn.initializers.zeros_init()
+    if model_cfg.output_bias_init == "data_mean":
+      if pixel_mean is None:
+        raise ValueError("model.output_bias_init='data_mean' needs the training split's mean "
+                         "image: pass pixel_mean=data.pixel_mean(train_images, binarize)")
+      bias = output_bias(model_cfg, pixel_mean).ravel()
+      bias_init = lambda key, shape, dtype=jnp.float32: jnp.asarray(bias, dtype).reshape(shape)
+    decoder = MLPDecoder(hidden, tuple(image_shape), out_per_pixel, act, dtype, kernel_init,
+                         bias_init)
   else:
     channels = tuple(model_cfg.conv_channels)
-    encoder = ConvEncoder(channels, hidden, model_cfg.latent_dim, act, dtype)
-    decoder = ConvDecoder(channels, hidden, tuple(image_shape), out_per_pixel, act, dtype)
+    encoder = ConvEncoder(channels, hidden, model_cfg.latent_dim, act, dtype, kernel_init)
+    decoder = ConvDecoder(channels, hidden, tuple(image_shape), out_per_pixel, act, dtype,
+                          kernel_init)
   return VAE(encoder, decoder, tuple(image_shape), model_cfg.likelihood, model_cfg.obs_scale,
              model_cfg.obs_sigma, model_cfg.log_scale_bound, model_cfg.decoder_mean)
 

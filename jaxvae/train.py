@@ -307,8 +307,10 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -
     raise config_lib.ConfigError(f"config.batch_size={config.batch_size} exceeds the "
                                  f"{num_train} training images; lower it")
   chunks = min(config.log.chunks_per_epoch, steps_per_epoch)
-  model = models.make_model(config.model, ds.image_shape)
-  return _Run(config, workdir, mesh, ds, model, optim.make_optimizer(config.optimizer),
+  model = models.make_model(config.model, ds.image_shape,
+                            data.pixel_mean(ds.train.images, config.data.binarize))
+  return _Run(config, workdir, mesh, ds, model,
+              optim.make_optimizer(config.optimizer, steps_per_epoch),
               steps_per_epoch, math.ceil(steps_per_epoch / chunks),
               config.num_steps or config.num_epochs * steps_per_epoch,
               checkpoint.make_manager(workdir, config.checkpoint.keep, config_json),

@@ -122,7 +122,7 @@ def test_paper_config_lowers_test_elbo_on_real_cifar10_in_300_steps():
   ds = data.load(config.data)
   mesh = parallel.make_mesh()
   model = models.make_model(config.model, ds.image_shape)
-  tx = optim.make_optimizer(config.optimizer)
+  tx = optim.make_optimizer(config.optimizer, len(ds.train.images) // 32)
   keys = state_lib.Keys.from_seed(0)
   state = state_lib.init_state(model, tx, keys.init, ds.image_shape)
   assert models.count_params(state.params) == 3_543_552
