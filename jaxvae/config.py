@@ -9,7 +9,7 @@ import json
 
 import ml_collections
 
-from jaxvae import data, distributions, models
+from jaxvae import data, distributions, loops, models
 
 
 SKIP_NONFINITE = ("grads", "loss", "off")
@@ -24,6 +24,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.num_epochs = 10                # epochs to reach; a resumed run continues up to this
   c.batch_size = 32                # global batch, split over devices
+  c.loop_mode = "auto"             # auto | scan | per_step: train steps and test batches in a
+                                   # compiled loop (scan) or one compiled call each (per_step);
+                                   # auto: per_step for a conv model on CPU, whose convolutions
+                                   # run ~20x slower in a loop (see jaxvae/loops.py). Frozen
+                                   # on resume: the modes agree only up to float rounding
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "tfds"           # tfds | folder | digits
@@ -99,6 +104,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive(value, key)
   if c.figures_every < 0:
     raise ConfigError(f"config.figures_every={c.figures_every} must be >= 0")
+  _choice(c.loop_mode, loops.LOOP_MODES, "loop_mode")
   _choice(c.data.source, data.SOURCES, "data.source")
   _choice(c.data.binarize, data.BINARIZATIONS, "data.binarize")
   _choice(c.model.arch, models.ARCHITECTURES, "model.arch")

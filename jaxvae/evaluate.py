@@ -30,7 +30,7 @@ import numpy as np
 import scipy.linalg
 from absl import app, flags
 
-from jaxvae import data, distributions, models, objectives, parallel
+from jaxvae import data, distributions, loops, models, objectives, parallel
 from jaxvae import run as run_lib
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active when Cov_x E_q[z_j] > 0.01
@@ -172,10 +172,13 @@ class _Batched:
   """A split on device in fixed-size batches, padded with blank images.
 
   images uint8[NB, B, H, W, C], index int32[NB, B] (positions in the split) and mask
-  bool[NB, B] (False on padding); `map` compiles a per-batch function over all batches.
+  bool[NB, B] (False on padding); `map` runs a per-batch function over all batches, in a
+  compiled loop or one compiled call per batch (`loop`: "scan" or "per_step", see
+  `jaxvae.loops`).
   """
 
-  def __init__(self, images: np.ndarray, batch_size: int, mesh):
+  def __init__(self, images: np.ndarray, batch_size: int, mesh, loop: str):
+    self.loop = loop
     n = len(images)
     self.num_images = n
     self.batch = min(batch_size, n)
@@ -194,18 +197,24 @@ class _Batched:
   def map(self, fn):
     """fn(x uint8[B, ...], index int32[B], batch_number, *args) -> pytree of [B, ...].
 
-    Returns a jitted (images, index, *args) -> pytree of [NB, B, ...]; call it with
+    Returns (images, index, *args) -> pytree of [NB, B, ...]: one jitted program that loops
+    over the batches, or a `_BatchLoop` of one jitted program per batch. Call it with
     `self.images, self.index` so the split is an argument, not a baked-in constant.
     """
     sharding = self.sharding
 
+    def one(i, x, idx, *args):
+      if sharding is not None:
+        x = jax.lax.with_sharding_constraint(x, sharding)
+      return fn(x, idx, i, *args)
+
+    if self.loop == "per_step":
+      return _BatchLoop(jax.jit(lambda images, index, i, *args: one(i, images[i], index[i],
+                                                                    *args)))
+
     def run(images, index, *args):
-      def one(inputs):
-        i, x, idx = inputs
-        if sharding is not None:
-          x = jax.lax.with_sharding_constraint(x, sharding)
-        return fn(x, idx, i, *args)
-      return jax.lax.map(one, (jnp.arange(images.shape[0]), images, index))
+      return jax.lax.map(lambda inputs: one(*inputs, *args),
+                         (jnp.arange(images.shape[0]), images, index))
 
     return jax.jit(run)
 
@@ -213,6 +222,21 @@ class _Batched:
     """[NB, B, ...] -> numpy [N, ...] in split order."""
     return jax.tree.map(lambda v: np.asarray(v).reshape((-1,) + v.shape[2:])[: self.num_images],
                         per_example)
+
+
+class _BatchLoop:
+  """`_Batched.map` without a compiled loop: Python calls per_batch(images, index, batch_number,
+  *args) once per batch and stacks the results."""
+
+  def __init__(self, per_batch):
+    self.per_batch = per_batch
+
+  def __call__(self, images, index, *args):
+    outs = [self.per_batch(images, index, np.int32(i), *args) for i in range(images.shape[0])]
+    return jax.tree.map(lambda *batches: jnp.stack(batches), *outs)
+
+  def _cache_size(self) -> int:
+    return self.per_batch._cache_size()
 
 
 # ----------------------------------------------------------------------------- per epoch
@@ -258,19 +282,22 @@ class Evaluator:
   """
 
   def __init__(self, model: models.VAE, config, test: data.Split, mesh, full: bool = False):
-    self.split = _Batched(test.images, config.eval.batch_size, mesh)
+    self.split = _Batched(test.images, config.eval.batch_size, mesh, loops.resolve(config, mesh))
     self.num_dims = int(np.prod(test.images.shape[1:]))
     self.likelihood = model.likelihood
     fn = self.split.map(lambda x, idx, i, params, bin_key, elbo_key: _eval_batch(
         params, x, idx, i, bin_key, elbo_key, model=model, binarize=config.data.binarize,
         full=full))
+    means = jax.jit(lambda per_example, mask: {
+        k: jnp.sum(jnp.where(mask, v, 0.0)) / mask.sum() for k, v in per_example.items()})
 
     def run(images, index, mask, params, key):
       streams = stream_keys(key)
-      per_example = fn(images, index, params, streams.binarize, streams.elbo)
-      return {k: jnp.sum(jnp.where(mask, v, 0.0)) / mask.sum() for k, v in per_example.items()}
+      return means(fn(images, index, params, streams.binarize, streams.elbo), mask)
 
-    self._run = jax.jit(run)
+    # A Python loop over batches cannot be traced into one program; then only its parts compile.
+    self._run = run if self.split.loop == "per_step" else jax.jit(run)
+    self._programs = (fn, means) if self.split.loop == "per_step" else (self._run,)
 
   def __call__(self, params, key: jax.Array) -> dict[str, float]:
     split = self.split
@@ -282,7 +309,8 @@ class Evaluator:
     return out
 
   def cache_size(self) -> int:
-    return self._run._cache_size()
+    """Compilations of the most compiled program: 1 in a healthy run."""
+    return max(program._cache_size() for program in self._programs)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -295,7 +323,7 @@ def iwae_on_split(model: models.VAE, params, config, split: data.Split, mesh, ke
 
   `config.eval.iw_batch_size` images x `config.eval.iw_chunk` draws are decoded at a time.
   """
-  batched = _Batched(split.images, config.eval.iw_batch_size, mesh)
+  batched = _Batched(split.images, config.eval.iw_batch_size, mesh, loops.resolve(config, mesh))
   streams = stream_keys(key)
 
   def one(x_uint8, index, batch_number, params):
@@ -303,17 +331,18 @@ def iwae_on_split(model: models.VAE, params, config, split: data.Split, mesh, ke
     return objectives.iwae_bound(
         params, jax.random.fold_in(streams.iwae, batch_number), x, model=model,
         num_samples=num_samples, chunk_size=config.eval.iw_chunk,
-        log_lik_fn=lambda x, obs: discrete_log_likelihood(model.likelihood, x, obs))
+        log_lik_fn=lambda x, obs: discrete_log_likelihood(model.likelihood, x, obs),
+        unroll=batched.loop == "per_step")
 
   per_example = batched.unpad(batched.map(one)(batched.images, batched.index, params))
   return {k: float(np.mean(v, dtype=np.float64)) for k, v in per_example.items()}
 
 
 def posterior_stats(model: models.VAE, params, images: np.ndarray, key: jax.Array, binarize: str,
-                    batch_size: int, mesh) -> tuple[np.ndarray, np.ndarray]:
+                    batch_size: int, mesh, loop: str) -> tuple[np.ndarray, np.ndarray]:
   """Posterior means f32[N, K] and KL per latent dim f32[N, K] (nats) of uint8[N, H, W, C],
-  binarized as `Evaluator` does with the same key."""
-  batched = _Batched(images, batch_size, mesh)
+  binarized as `Evaluator` does with the same key; `loop` as `loops.resolve` gives it."""
+  batched = _Batched(images, batch_size, mesh, loop)
   bin_key = stream_keys(key).binarize
 
   def one(x_uint8, index, batch_number, params):
@@ -476,7 +505,7 @@ def evaluate_run(run, iw_samples: int | None = None, name: str = "") -> dict:
   vae[f"iwae_elbo{sfx}_nats"] = iw["elbo"]
   vae["iwae_bits_per_dim"] = float(distributions.bits_per_dim(iw["iwae"], num_dims))
   means, kl = timed("posterior", posterior_stats, model, params, ds.test.images, key,
-                    config.data.binarize, config.eval.batch_size, mesh)
+                    config.data.binarize, config.eval.batch_size, mesh, loops.resolve(config, mesh))
   vae["active_units"], variance = active_units(means)
   if min(ds.image_shape[:2]) >= PAPER_SSIM_WINDOW:
     vae.update(paper_protocol(model, params, ds.train.images[0], key, config.data.binarize))

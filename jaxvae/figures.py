@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from jaxvae import data, distributions, evaluate, models, parallel, sample  # noqa: E402
+from jaxvae import data, distributions, evaluate, loops, models, parallel, sample  # noqa: E402
 from jaxvae import run as run_lib  # noqa: E402
 
 DPI = 100
@@ -229,8 +229,9 @@ def draw_training_figures(workdir, model, params, ds: data.Dataset, config, key)
   k_neigh, k_prior, k_pairs = jax.random.split(streams.figures, 3)
   decode = lambda z: np.asarray(sample.decode_mean(model, params, z))
   test = ds.test
+  mesh = parallel.make_mesh(local=True)
   means, kl = evaluate.posterior_stats(model, params, test.images, key, config.data.binarize,
-                                       config.eval.batch_size, parallel.make_mesh(local=True))
+                                       config.eval.batch_size, mesh, loops.resolve(config, mesh))
   kl_dim = kl.mean(axis=0)
   _, variance = evaluate.active_units(means)
   paths = [plot_loss(rows, out, run), plot_ssim(rows, out, run)]
