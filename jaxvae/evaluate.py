@@ -52,10 +52,35 @@ def ssim_filter(height: int, width: int) -> tuple[int, float]:
   return size, 1.5 * size / 11
 
 
-def ssim(x: jax.Array, y: jax.Array) -> jax.Array:
-  """SSIM of images in [0, 1] (dm-pix, max_val 1): f32[B, H, W, C] x2 -> f32[B]."""
+def window_matrix(n: int, size: int, sigma: float) -> np.ndarray:
+  """dm-pix's normalized Gaussian window (odd `size`) as a band matrix f32[n, n - size + 1]:
+  v @ m is v f32[..., n] filtered in "valid" mode along its last axis."""
+  taps = np.exp(-0.5 * ((np.arange(size) - size // 2) / sigma) ** 2)
+  m = np.zeros((n, n - size + 1))
+  for j in range(n - size + 1):
+    m[j:j + size, j] = taps / taps.sum()
+  return m.astype(np.float32)
+
+
+def ssim(x: jax.Array, y: jax.Array, in_loop: bool = False) -> jax.Array:
+  """SSIM of images in [0, 1] (dm-pix, max_val 1): f32[B, H, W, C] x2 -> f32[B].
+
+  dm-pix's Gaussian window runs as its own one-channel convolutions when `in_loop` (inside a
+  compiled loop), and otherwise as products with band matrices: XLA:CPU runs those
+  convolutions 8x slower outside a loop and 1.4x faster inside one (1,000 CIFAR-10 images:
+  1.39 s against 0.18 s outside, 94 ms against 133 ms inside). The same SSIM up to float
+  rounding either way.
+  """
   size, sigma = ssim_filter(x.shape[-3], x.shape[-2])
-  return dm_pix.ssim(x, y, max_val=1.0, filter_size=size, filter_sigma=sigma)
+  if in_loop:
+    return dm_pix.ssim(x, y, max_val=1.0, filter_size=size, filter_sigma=sigma)
+  rows, cols = (window_matrix(n, size, sigma) for n in x.shape[-3:-1])
+  highest = jax.lax.Precision.HIGHEST
+  blur = lambda z: jnp.matmul(jnp.matmul(rows.T, z, precision=highest), cols, precision=highest)
+  # Channels first, so that both products run over the two minor axes; SSIM averages the map
+  # over the last three axes, whichever order they come in.
+  channels_first = lambda v: jnp.moveaxis(v, -1, -3)
+  return dm_pix.ssim(channels_first(x), channels_first(y), max_val=1.0, filter_fn=blur)
 
 
 def paper_ssim(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -98,13 +123,13 @@ def psnr_db(mse_per_image: jax.Array) -> jax.Array:
 
 
 def recon_metrics(original: jax.Array, recon: jax.Array, prefix: str, with_ssim: bool = True,
-                  paper_window: bool = False) -> dict[str, jax.Array]:
+                  paper_window: bool = False, in_loop: bool = False) -> dict[str, jax.Array]:
   """SSIM, PSNR and MSE of reconstructions against originals, f32[B] each, keys `prefix*`;
-  `paper_window` adds `paper_ssim`."""
+  `paper_window` adds `paper_ssim`; `in_loop`: see `ssim`."""
   err = mse(original, recon)
   out = {f"{prefix}psnr_db": psnr_db(err), f"{prefix}mse": err}
   if with_ssim:
-    out[f"{prefix}ssim"] = ssim(original, recon)
+    out[f"{prefix}ssim"] = ssim(original, recon, in_loop)
   if paper_window:
     out[f"{prefix}ssim_paper_window"] = paper_ssim(original, recon)
   return out
@@ -243,10 +268,11 @@ class _BatchLoop:
 
 
 def _eval_batch(params, x_uint8, index, batch_number, bin_key, elbo_key, *, model, binarize,
-                full):
+                full, in_loop):
   """Per-example metrics of one batch: dict of f32[B]. `full` adds the evaluate command's
   extras: the discrete ELBO of a Gaussian decoder, the SSIM of the posterior-draw
-  reconstruction, and SSIM with the paper's window."""
+  reconstruction, and SSIM with the paper's window; `in_loop`: whether a compiled loop runs
+  it (see `ssim`)."""
   original, x = model_inputs(x_uint8, index, bin_key, binarize)
   mean, log_scale = model.apply(params, x, method=models.VAE.encode)
   z = distributions.sample_diag_gaussian(jax.random.fold_in(elbo_key, batch_number), mean,
@@ -263,7 +289,7 @@ def _eval_batch(params, x_uint8, index, batch_number, bin_key, elbo_key, *, mode
     recon = distributions.likelihood_mean(model.likelihood, obs)
     # Per epoch, one SSIM: it is a third of the evaluation's time.
     out.update(recon_metrics(original, recon, f"recon_{name}_", full or name == "mean",
-                             paper_window))
+                             paper_window, in_loop))
   return out
 
 
@@ -287,7 +313,7 @@ class Evaluator:
     self.likelihood = model.likelihood
     fn = self.split.map(lambda x, idx, i, params, bin_key, elbo_key: _eval_batch(
         params, x, idx, i, bin_key, elbo_key, model=model, binarize=config.data.binarize,
-        full=full))
+        full=full, in_loop=self.split.loop == "scan"))
     means = jax.jit(lambda per_example, mask: {
         k: jnp.sum(jnp.where(mask, v, 0.0)) / mask.sum() for k, v in per_example.items()})
 
