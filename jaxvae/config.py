@@ -9,7 +9,7 @@ import json
 
 import ml_collections
 
-from jaxvae import data, distributions, models, objectives, optim, sprites
+from jaxvae import data, distributions, loops, models, objectives, optim, sprites
 
 
 SKIP_NONFINITE = ("grads", "loss", "off")
@@ -25,6 +25,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 10                # epochs to reach; a resumed run continues up to this
   c.num_steps = 0                  # optimizer steps to reach instead of num_epochs (0: epochs)
   c.batch_size = 32                # global batch, split over devices
+  c.loop_mode = "auto"             # auto | scan | per_step: train steps and test batches in a
+                                   # compiled loop (scan) or one compiled call each (per_step);
+                                   # auto: per_step for a conv model on CPU, whose convolutions
+                                   # run ~20x slower in a loop (see jaxvae/loops.py). Frozen
+                                   # on resume: the modes agree only up to float rounding
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "tfds"           # tfds | folder | digits | sprites
@@ -126,10 +131,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for part in key.split("."):
       value = value[part]
     _positive(value, key)
-  for key, value in (("figures_every", c.figures_every), ("num_steps", c.num_steps),
-                     ("eval.every_steps", c.eval.every_steps)):
-    if value < 0:
-      raise ConfigError(f"config.{key}={value} must be >= 0 (0 turns it off)")
+  _choice(c.loop_mode, loops.LOOP_MODES, "loop_mode")
   _choice(c.data.source, data.SOURCES, "data.source")
   _choice(c.data.binarize, data.BINARIZATIONS, "data.binarize")
   _choice(c.model.arch, models.ARCHITECTURES, "model.arch")

@@ -120,7 +120,7 @@ def test_batches_are_split_over_devices_and_the_state_is_replicated():
     keys = state_lib.Keys.from_seed(0)
     state = jax.device_put(state_lib.init_state(model, tx, keys.init, (8, 8, 1)),
                            parallel.replicated(mesh))
-    chunk = train.make_train_chunk(train.make_train_step(model, tx, config), mesh)
+    chunk = train.make_train_chunk(train.make_train_step(model, tx, config), mesh, "scan")
     images = np.random.default_rng(1).integers(0, 256, (64, 8, 8, 1), np.uint8)
     batches = parallel.gather_batches(images, np.arange(64).reshape(2, 32), mesh)
     no_signal = parallel.signal_array(0, mesh)
