@@ -41,8 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
                                    # grid (test: min(10,000, n) images); 0: the whole grid
 
   c.model = ml_collections.ConfigDict()
-  c.model.arch = "mlp"             # mlp | conv
+  c.model.arch = "mlp"             # mlp | conv | locatello (disentanglement_lib's conv_encoder and
+                                   # deconv_decoder, fixed: hidden, conv_channels unused)
   c.model.hidden = (512,)          # dense widths; the decoder mirrors them
+  c.model.decoder_hidden = ()      # the decoder's dense widths from z outward; (): mirror hidden
   c.model.conv_channels = (32, 64)  # conv arch: channels of the stride-2 layers
   c.model.latent_dim = 256
   c.model.activation = "gelu"
@@ -147,7 +149,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
                       "(the conv decoder's output bias is one per channel, not per pixel)")
   _choice(c.optimizer.skip_nonfinite, SKIP_NONFINITE, "optimizer.skip_nonfinite")
   _choice(c.optimizer.schedule, optim.SCHEDULES, "optimizer.schedule")
-  for key in ("model.hidden", "model.conv_channels"):
+  for key in ("model.hidden", "model.decoder_hidden", "model.conv_channels"):
     widths = c.model[key.split(".")[1]]
     if not all(isinstance(w, int) and w > 0 for w in widths):
       raise ConfigError(f"config.{key}={widths!r} must be a tuple of positive ints, e.g. (512,)")

@@ -18,6 +18,7 @@ faster per step than one call per step (within noise), and compiling 6 unrolled 
 """
 
 LOOP_MODES = ("auto", "scan", "per_step")
+CONV_ARCHS = ("conv", "locatello")  # the `model.arch`s with convolutions
 
 
 def resolve(config, mesh) -> str:
@@ -25,4 +26,4 @@ def resolve(config, mesh) -> str:
   if config.loop_mode != "auto":
     return config.loop_mode
   on_cpu = mesh.devices.flat[0].platform == "cpu"
-  return "per_step" if on_cpu and config.model.arch == "conv" else "scan"
+  return "per_step" if on_cpu and config.model.arch in CONV_ARCHS else "scan"

@@ -17,7 +17,7 @@ from jaxvae import distributions
 ACTIVATIONS: dict[str, Callable] = {
     "gelu": nn.gelu, "relu": nn.relu, "elu": nn.elu, "silu": nn.silu, "tanh": jnp.tanh,
 }
-ARCHITECTURES = ("mlp", "conv")
+ARCHITECTURES = ("mlp", "conv", "locatello")
 OBS_SCALES = ("fixed", "learned_global", "learned_pixel")
 DECODER_MEANS = ("sigmoid", "identity")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -72,13 +72,17 @@ def _bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
 
 
 def _layer(cls, dtype, kernel_init):
-  """nn.Dense or nn.Conv with `kernel_init`, computing in `dtype`: float32, or bfloat16
-  products that sum in float32 (parameters and the activations between layers stay float32).
-  Dense products are bfloat16 forward and backward; convolutions forward only."""
+  """nn.Dense, nn.Conv or nn.ConvTranspose with `kernel_init`, computing in `dtype`: float32,
+  or bfloat16 products that sum in float32 (parameters and the activations between layers stay
+  float32). Dense products are bfloat16 forward and backward; (transposed) convolutions forward
+  only."""
   if dtype == jnp.float32:
     return functools.partial(cls, kernel_init=kernel_init)
   if cls is nn.Dense:
     return functools.partial(nn.Dense, kernel_init=kernel_init, dot_general=_bf16_dot_general)
+  if cls is nn.ConvTranspose:
+    return functools.partial(cls, kernel_init=kernel_init, dtype=dtype,
+                             preferred_element_type=jnp.float32)
   return functools.partial(cls, kernel_init=kernel_init, dtype=dtype,
                            conv_general_dilated=functools.partial(
                                jax.lax.conv_general_dilated, preferred_element_type=jnp.float32))
@@ -189,6 +193,64 @@ class ConvDecoder(nn.Module):
     return h
 
 
+# disentanglement_lib's conv_encoder (Locatello et al. 2019): (channels, kernel side) of each
+# stride-2 SAME convolution, then one dense layer; its deconv_decoder mirrors the channels with
+# 4x4 stride-2 transposed convolutions.
+LOCATELLO_CONVS = ((32, 4), (32, 4), (64, 2), (64, 2))
+LOCATELLO_DENSE = 256
+LOCATELLO_DECONV_KERNEL = 4
+
+
+class LocatelloEncoder(nn.Module):
+  """disentanglement_lib's conv_encoder: x f32[B, H, W, C] -> (mean, raw log-scale) f32[B, K].
+
+  Convs 32 4x4, 32 4x4, 64 2x2, 64 2x2, all stride 2 SAME (64x64 -> 4x4), then dense 256."""
+  latent_dim: int
+  activation: Callable = nn.relu
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = KERNEL_INITS["lecun_normal"]
+
+  @nn.compact
+  def __call__(self, x):
+    conv = _layer(nn.Conv, self.dtype, self.kernel_init)
+    dense = _layer(nn.Dense, self.dtype, self.kernel_init)
+    h = x
+    for ch, k in LOCATELLO_CONVS:
+      h = self.activation(conv(ch, (k, k), strides=(2, 2), padding="SAME")(h))
+    h = self.activation(dense(LOCATELLO_DENSE)(h.reshape(h.shape[0], -1)))
+    return dense(self.latent_dim, name="mean")(h), dense(self.latent_dim, name="log_scale")(h)
+
+
+class LocatelloDecoder(nn.Module):
+  """disentanglement_lib's deconv_decoder: z f32[B, K] -> f32[B, H, W, C * out_per_pixel].
+
+  Dense 256, dense to an (H/16, W/16, 64) map, then 4x4 stride-2 SAME transposed convs to 64,
+  32, 32 and the output channels, each doubling H and W (so H and W are multiples of 16)."""
+  image_shape: Sequence[int]
+  out_per_pixel: int = 1
+  activation: Callable = nn.relu
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = KERNEL_INITS["lecun_normal"]
+
+  @nn.compact
+  def __call__(self, z):
+    height, width, c = self.image_shape
+    factor = 2 ** len(LOCATELLO_CONVS)
+    channels = [ch for ch, _ in LOCATELLO_CONVS]
+    top = (z.shape[0], height // factor, width // factor, channels[-1])
+    dense = _layer(nn.Dense, self.dtype, self.kernel_init)
+    deconv = _layer(nn.ConvTranspose, self.dtype, self.kernel_init)
+    h = self.activation(dense(LOCATELLO_DENSE)(z))
+    h = self.activation(dense(math.prod(top[1:]))(h)).reshape(top)
+    outs = channels[-2::-1] + [c * self.out_per_pixel]  # 64, 32, 32, C
+    k = LOCATELLO_DECONV_KERNEL
+    for i, ch in enumerate(outs):
+      h = deconv(ch, (k, k), strides=(2, 2), padding="SAME")(h)
+      if i < len(outs) - 1:
+        h = self.activation(h)
+    return h
+
+
 class VAE(nn.Module):
   """Encoder, decoder and the likelihood head that turns decoder outputs into p(x|z).
 
@@ -269,6 +331,8 @@ def make_model(model_cfg, image_shape: Sequence[int], pixel_mean: np.ndarray | N
   dtype = jnp.dtype(model_cfg.compute_dtype)
   hidden = tuple(model_cfg.hidden)
   kernel_init = KERNEL_INITS[model_cfg.kernel_init]
+  # The decoders take their widths in the encoder's order (outermost first) and reverse them.
+  decoder_hidden = tuple(reversed(model_cfg.decoder_hidden)) or hidden
   out_per_pixel = 2 if model_cfg.likelihood == "discretized_logistic" else 1
   if model_cfg.arch == "mlp":
     encoder = MLPEncoder(hidden, model_cfg.latent_dim, act, dtype, kernel_init)
@@ -279,15 +343,29 @@ def make_model(model_cfg, image_shape: Sequence[int], pixel_mean: np.ndarray | N
                          "image: pass pixel_mean=data.pixel_mean(train_images, binarize)")
       bias = output_bias(model_cfg, pixel_mean).ravel()
       bias_init = lambda key, shape, dtype=jnp.float32: jnp.asarray(bias, dtype).reshape(shape)
-    decoder = MLPDecoder(hidden, tuple(image_shape), out_per_pixel, act, dtype, kernel_init,
-                         bias_init)
+    decoder = MLPDecoder(decoder_hidden, tuple(image_shape), out_per_pixel, act, dtype,
+                         kernel_init, bias_init)
+  elif model_cfg.arch == "locatello":
+    _check_locatello_shape(image_shape)
+    encoder = LocatelloEncoder(model_cfg.latent_dim, act, dtype, kernel_init)
+    decoder = LocatelloDecoder(tuple(image_shape), out_per_pixel, act, dtype, kernel_init)
   else:
     channels = tuple(model_cfg.conv_channels)
     encoder = ConvEncoder(channels, hidden, model_cfg.latent_dim, act, dtype, kernel_init)
-    decoder = ConvDecoder(channels, hidden, tuple(image_shape), out_per_pixel, act, dtype,
-                          kernel_init)
+    decoder = ConvDecoder(channels, decoder_hidden, tuple(image_shape), out_per_pixel, act,
+                          dtype, kernel_init)
   return VAE(encoder, decoder, tuple(image_shape), model_cfg.likelihood, model_cfg.obs_scale,
              model_cfg.obs_sigma, model_cfg.log_scale_bound, model_cfg.decoder_mean)
+
+
+def _check_locatello_shape(image_shape: Sequence[int]) -> None:
+  """Raises unless the locatello decoder's doublings reach exactly (H, W)."""
+  factor = 2 ** len(LOCATELLO_CONVS)
+  height, width = image_shape[:2]
+  if height % factor or width % factor:
+    raise ValueError(f"config.model.arch='locatello' needs images whose height and width are "
+                     f"multiples of {factor} (its decoder doubles a map {len(LOCATELLO_CONVS)} "
+                     f"times; dSprites is 64x64), not {height}x{width}; use arch='conv' for these")
 
 
 def init_params(model: VAE, rng: jax.Array, image_shape: Sequence[int]):
