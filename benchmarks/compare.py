@@ -4,7 +4,9 @@
       --variants "optimizer.skip_nonfinite=grads; optimizer.skip_nonfinite=off; model.compute_dtype=bfloat16"
 
 Each variant is the config plus its own `key=value` overrides (spaces between keys, `;`
-between variants; an empty variant is the config itself). Every round times one train chunk of --steps steps of each variant in turn (a fresh
+between variants; an empty variant is the config itself). Each variant's train chunk is
+compiled first, in its own loop mode (`loop_mode`, see jaxvae/loops.py), and the compile time
+reported. Every round times one train chunk of --steps steps of each variant in turn (a fresh
 state each, random images on device), then measures the matmul rate at the step's own shapes
 and dtypes (benchmarks/rates.py, as throughput.py does); the medians over --rounds rounds are reported.
 Interleaving puts every variant through the same moments of a noisy machine, so the ratios
@@ -23,7 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxvae import config as config_lib
-from jaxvae import models, objectives, optim, parallel, train
+from jaxvae import data, loops, models, objectives, optim, parallel, train
 from jaxvae import state as state_lib
 from rates import matmul_rate, step_matmuls
 
@@ -79,18 +81,22 @@ def main(argv):
 
   runs = []
   for label, config in variants:
-    model = models.make_model(config.model, shape)
-    tx = optim.make_optimizer(config.optimizer)
+    model = models.make_model(config.model, shape, data.pixel_mean(images, config.data.binarize))
+    tx = optim.make_optimizer(config.optimizer, steps)
     keys = state_lib.Keys.from_seed(config.seed)
     fresh = functools.partial(train.init_state, model, tx, keys.init, shape)
-    chunk = train.make_train_chunk(train.make_train_step(model, tx, config), mesh)
+    loop = loops.resolve(config, mesh)
+    chunk = train.make_train_chunk(train.make_train_step(model, tx, config), mesh, loop)
     loss_fn = functools.partial(objectives.loss, model=model, beta=config.objective.beta,
                                 num_samples=config.objective.num_samples)
     products = step_matmuls(loss_fn, fresh().params, keys.train,
                                        jnp.zeros((batch,) + shape, jnp.float32))
-    jax.block_until_ready(chunk(fresh(), batches, valid, keys.train, no_signal))  # compile
+    t0 = time.perf_counter()
+    chunk = chunk.lower(fresh(), batches, valid, keys.train, no_signal).compile()
+    compile_s = time.perf_counter() - t0
     runs.append({"label": label, "chunk": chunk, "fresh": fresh, "key": keys.train,
-                 "products": products, "seconds": [], "rates": []})
+                 "products": products, "seconds": [], "rates": [], "loop": loop,
+                 "compile_s": compile_s})
 
   options = train.compiler_options(mesh)
   for _ in range(flags.FLAGS.rounds):
@@ -112,15 +118,18 @@ def main(argv):
   for run in runs:
     step_s, rate = float(np.median(run["seconds"])), float(np.median(run["rates"]))
     flops = sum(f for f, _ in run["products"])
-    rows.append({"variant": run["label"], "batch_size": batch, "ms_per_step": step_s * 1e3,
+    rows.append({"variant": run["label"], "loop_mode": run["loop"], "compile_s": run["compile_s"],
+                 "batch_size": batch, "ms_per_step": step_s * 1e3,
                  "min_ms_per_step": min(run["seconds"]) * 1e3,
                  "s_per_50k_images": step_s * steps_per_epoch, "speedup": first / step_s,
                  "step_gflop": flops / 1e9, "matmul_rate_gflop_per_s": rate / 1e9,
                  "fraction_of_matmul_rate": flops / step_s / rate})
   width = max(len(r["variant"]) for r in rows)
-  print(f"{'variant':<{width}}  ms/step (min)    s/50k img  speedup  step vs its matmul rate")
+  print(f"{'variant':<{width}}  loop      compile s  ms/step (min)    s/50k img  speedup  "
+        "step vs its matmul rate")
   for r in rows:
-    print(f"{r['variant']:<{width}}  {r['ms_per_step']:7.2f} ({r['min_ms_per_step']:6.2f})  "
+    print(f"{r['variant']:<{width}}  {r['loop_mode']:<8}  {r['compile_s']:9.2f}  "
+          f"{r['ms_per_step']:7.2f} ({r['min_ms_per_step']:6.2f})  "
           f"{r['s_per_50k_images']:9.2f}  {r['speedup']:6.2f}x  "
           f"{100 * r['fraction_of_matmul_rate']:5.1f}% of {r['matmul_rate_gflop_per_s']:.0f} GFLOP/s")
   print(json.dumps({"rounds": flags.FLAGS.rounds, "steps": steps, "variants": rows}))

@@ -56,36 +56,41 @@ def _time_loop(fn, args, min_seconds: float = 1.0) -> float:
   return min(times) / reps
 
 
+def product_seconds(product, a, b, options: dict, min_seconds: float = 1.0) -> float:
+  """Seconds of one product(a, b), compiled alone and called from Python, outside any loop:
+  the best of three runs of about `min_seconds` of calls, after a warm-up. Calls are
+  dispatched asynchronously, so each is queued while the one before runs. Inside a compiled
+  loop XLA:CPU gives a convolution a slow kernel (jax-ml/jax#12868), which would misstate a
+  step that runs none in a loop."""
+  run = jax.jit(product, compiler_options=options)
+  jax.block_until_ready(run(a, b))
+  t0 = time.perf_counter()
+  jax.block_until_ready(run(a, b))
+  calls = max(1, math.ceil(min_seconds / (time.perf_counter() - t0)))
+  times = []
+  for _ in range(3):
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      out = run(a, b)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - t0)
+  return min(times) / calls
+
+
 def matmul_rate(products: list[tuple[int, tuple]], options: dict) -> float:
   """FLOP/s of the given products: their FLOPs over the sum of their times, each product
-  repeated alone in a compiled loop on operands of its own shape and dtype."""
+  timed alone (`product_seconds`) on operands of its own shape and dtype."""
   seconds = 0.0
   for _, (prim, params, lhs, rhs) in products:
-    operands = (jnp.full(lhs.shape, 0.5, lhs.dtype), jnp.full(rhs.shape, 0.5, rhs.dtype))
-
-    @functools.partial(jax.jit, static_argnums=0, compiler_options=options)
-    def run(reps, operands, prim=prim, params=params):
-      def body(_, carry):
-        # The barrier keeps XLA from hoisting the loop-invariant product out of the loop.
-        total, (a, b) = jax.lax.optimization_barrier(carry)
-        return total + prim.bind(a, b, **params).reshape(-1)[0].astype(jnp.float32), (a, b)
-      return jax.lax.fori_loop(0, reps, body, (jnp.float32(0), operands))[0]
-
-    seconds += _time_loop(run, (operands,), min_seconds=0.25)
+    seconds += product_seconds(functools.partial(prim.bind, **params),
+                               jnp.full(lhs.shape, 0.5, lhs.dtype),
+                               jnp.full(rhs.shape, 0.5, rhs.dtype), options, min_seconds=0.25)
   return sum(f for f, _ in products) / seconds
 
 
 def large_matmul_rate(options: dict, n: int = 2048) -> float:
   a = jnp.full((n, n), 0.5, jnp.float32)
-
-  @functools.partial(jax.jit, static_argnums=0, compiler_options=options)
-  def run(reps, a):
-    def body(_, carry):
-      total, a = jax.lax.optimization_barrier(carry)
-      return total + (a @ a)[0, 0], a
-    return jax.lax.fori_loop(0, reps, body, (jnp.float32(0), a))[0]
-
-  return 2 * n ** 3 / _time_loop(run, (a,))
+  return 2 * n ** 3 / product_seconds(jnp.matmul, a, a, options)
 
 
 def optimizer_seconds(tx, params, opt_state, options: dict) -> float:

@@ -5,7 +5,8 @@
 
 One process; prints a table and then one JSON line. Random uint8 images of the config's shape
 by default, the real image folder (or .tar.gz) with --data_path. The JSON keys:
-  compile_s                   tracing, lowering and compiling the train chunk
+  compile_s                   tracing, lowering and compiling the train chunk (in per_step
+                              loop mode its three programs, see jaxvae/loops.py)
   first_step_s                process start to the end of the first train step (imports, data,
                               init, compile included)
   train_s_per_epoch           median over --epochs epochs, run as train.py runs them: the
@@ -13,9 +14,10 @@ by default, the real image folder (or .tar.gz) with --data_path. The JSON keys:
                               make_train_chunk; with --steps N only the first N steps of each
                               epoch run and the time is scaled to a whole epoch
   eval_s                      median of the Evaluator over the test split (ELBO, SSIM, ...)
-  matmul_rate_gflop_per_s     the rate of exactly the step's matrix products (shapes and dtypes
-                              from the model's jaxpr): their FLOPs over the sum of their times,
-                              each product timed alone in a compiled loop in this process
+  matmul_rate_gflop_per_s     the rate of exactly the step's matrix products and convolutions
+                              (shapes and dtypes from the model's jaxpr): their FLOPs over the
+                              sum of their times, each product compiled alone and timed outside
+                              any loop in this process (rates.product_seconds)
   large_matmul_rate_gflop_per_s  one 2048^3 product: the machine's large-matmul rate
   fraction_of_matmul_rate     the step's matmul FLOPs per second of step over that rate
   optimizer_ms                one optimizer update of the real parameters, alone
@@ -41,7 +43,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from jaxvae import config as config_lib  # noqa: E402
-from jaxvae import data, evaluate, models, objectives, optim, parallel, train  # noqa: E402
+from jaxvae import data, evaluate, loops, models, objectives, optim, parallel, train  # noqa: E402
 from jaxvae import state as state_lib  # noqa: E402
 from rates import (large_matmul_rate, matmul_rate, optimizer_seconds,  # noqa: E402
                    step_matmuls)
@@ -106,12 +108,14 @@ def main(argv):
   steps_per_epoch = num_train // config.batch_size
   chunk_steps = math.ceil(steps_per_epoch / min(config.log.chunks_per_epoch, steps_per_epoch))
 
-  model = models.make_model(config.model, ds.image_shape)
-  tx = optim.make_optimizer(config.optimizer)
+  model = models.make_model(config.model, ds.image_shape,
+                            data.pixel_mean(ds.train.images, config.data.binarize))
+  tx = optim.make_optimizer(config.optimizer, steps_per_epoch)
   keys = state_lib.Keys(**parallel.replicate(state_lib.Keys.from_seed(config.seed).as_dict(), mesh))
   state = parallel.replicate(state_lib.init_state(model, tx, keys.init, ds.image_shape), mesh)
   train_step = train.make_train_step(model, tx, config)
-  train_chunk = train.make_train_chunk(train_step, mesh)
+  loop = loops.resolve(config, mesh)
+  train_chunk = train.make_train_chunk(train_step, mesh, loop)
 
   # Compile, then the very first step, as train.py's first call does.
   idx, valid = jax.device_get(train.epoch_batches(keys.shuffle, 0, num_train, config.batch_size,
@@ -168,6 +172,7 @@ def main(argv):
   result = {
       "config": {"batch_size": config.batch_size, "hidden": list(config.model.hidden),
                  "arch": config.model.arch, "latent_dim": config.model.latent_dim,
+                 "loop_mode": loop,
                  "data": flags.FLAGS.data_path or ds.name, "devices": jax.device_count(),
                  "processes": jax.process_count(), "platform": jax.devices()[0].platform,
                  "steps_per_epoch": steps_per_epoch, "timed_steps_per_epoch":
@@ -197,7 +202,7 @@ def main(argv):
       ("devices x processes", f"{jax.device_count()} x {jax.process_count()} "
                               f"({result['config']['platform']})"),
       ("data", result["config"]["data"]),
-      ("compile (train chunk)", f"{compile_s:.2f} s"),
+      ("compile (train chunk)", f"{compile_s:.2f} s ({loop} loop mode)"),
       ("start to first step", f"{first_step_s:.2f} s"),
       ("train per epoch", f"{train_s:.2f} s ({config.batch_size / step_s:,.0f} images/s, "
                           f"{step_s * 1e3:.3f} ms/step)"),

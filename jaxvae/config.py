@@ -9,7 +9,7 @@ import json
 
 import ml_collections
 
-from jaxvae import data, distributions, models, objectives, sprites
+from jaxvae import data, distributions, loops, models, objectives, optim, sprites
 
 
 SKIP_NONFINITE = ("grads", "loss", "off")
@@ -25,6 +25,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 10                # epochs to reach; a resumed run continues up to this
   c.num_steps = 0                  # optimizer steps to reach instead of num_epochs (0: epochs)
   c.batch_size = 32                # global batch, split over devices
+  c.loop_mode = "auto"             # auto | scan | per_step: train steps and test batches in a
+                                   # compiled loop (scan) or one compiled call each (per_step);
+                                   # auto: per_step for a conv model on CPU, whose convolutions
+                                   # run ~20x slower in a loop (see jaxvae/loops.py). Frozen
+                                   # on resume: the modes agree only up to float rounding
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "tfds"           # tfds | folder | digits | sprites
@@ -36,8 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
                                    # grid (test: min(10,000, n) images); 0: the whole grid
 
   c.model = ml_collections.ConfigDict()
-  c.model.arch = "mlp"             # mlp | conv
+  c.model.arch = "mlp"             # mlp | conv | locatello (disentanglement_lib's conv_encoder and
+                                   # deconv_decoder, fixed: hidden, conv_channels unused)
   c.model.hidden = (512,)          # dense widths; the decoder mirrors them
+  c.model.decoder_hidden = ()      # the decoder's dense widths from z outward; (): mirror hidden
   c.model.conv_channels = (32, 64)  # conv arch: channels of the stride-2 layers
   c.model.latent_dim = 256
   c.model.activation = "gelu"
@@ -46,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.obs_sigma = 0.5 ** 0.5   # gaussian, fixed: sigma of p(x|z)
   c.model.decoder_mean = "sigmoid"  # gaussian: sigmoid (paper) | identity
   c.model.log_scale_bound = 7.0    # every log-scale is soft-clamped to (-bound, bound)
+  c.model.kernel_init = "lecun_normal"  # lecun_normal (flax's default) | glorot_uniform
+  c.model.output_bias_init = "zeros"  # mlp decoder: zeros | data_mean (decodes to the train mean)
   c.model.compute_dtype = "float32"  # float32 | bfloat16: the layers' products (float32 sums);
                                      # parameters, activations, Adam and the loss stay float32
 
@@ -69,6 +78,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-3
+  c.optimizer.b1 = 0.9             # Adam's decay rates of the first and second moments
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8           # Adam's epsilon, added to the root of the second moment
+  c.optimizer.schedule = "constant"  # constant | piecewise | iwae (see jaxvae/optim.py)
+  c.optimizer.stage_end_epochs = ()  # piecewise: the epoch each stage ends at, increasing
+  c.optimizer.stage_learning_rates = ()  # piecewise: each stage's learning rate
   c.optimizer.grad_clip_norm = 0.0  # global-norm clipping; 0 turns it off
   c.optimizer.max_consecutive_skips = 20  # non-finite steps are skipped; this many in a row stop
   c.optimizer.skip_nonfinite = "grads"  # which steps are skipped: grads (a non-finite loss or
@@ -118,10 +133,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for part in key.split("."):
       value = value[part]
     _positive(value, key)
-  for key, value in (("figures_every", c.figures_every), ("num_steps", c.num_steps),
-                     ("eval.every_steps", c.eval.every_steps)):
-    if value < 0:
-      raise ConfigError(f"config.{key}={value} must be >= 0 (0 turns it off)")
+  _choice(c.loop_mode, loops.LOOP_MODES, "loop_mode")
   _choice(c.data.source, data.SOURCES, "data.source")
   _choice(c.data.binarize, data.BINARIZATIONS, "data.binarize")
   _choice(c.model.arch, models.ARCHITECTURES, "model.arch")
@@ -130,8 +142,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c.model.obs_scale, models.OBS_SCALES, "model.obs_scale")
   _choice(c.model.decoder_mean, models.DECODER_MEANS, "model.decoder_mean")
   _choice(c.model.compute_dtype, models.COMPUTE_DTYPES, "model.compute_dtype")
+  _choice(c.model.kernel_init, tuple(models.KERNEL_INITS), "model.kernel_init")
+  _choice(c.model.output_bias_init, models.OUTPUT_BIAS_INITS, "model.output_bias_init")
+  if c.model.output_bias_init == "data_mean" and c.model.arch != "mlp":
+    raise ConfigError("config.model.output_bias_init='data_mean' needs config.model.arch='mlp' "
+                      "(the conv decoder's output bias is one per channel, not per pixel)")
   _choice(c.optimizer.skip_nonfinite, SKIP_NONFINITE, "optimizer.skip_nonfinite")
-  for key in ("model.hidden", "model.conv_channels"):
+  _choice(c.optimizer.schedule, optim.SCHEDULES, "optimizer.schedule")
+  for key in ("model.hidden", "model.decoder_hidden", "model.conv_channels"):
     widths = c.model[key.split(".")[1]]
     if not all(isinstance(w, int) and w > 0 for w in widths):
       raise ConfigError(f"config.{key}={widths!r} must be a tuple of positive ints, e.g. (512,)")
@@ -141,9 +159,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.model.conv_channels=() gives the conv arch no layer; give e.g. (32, 64)")
   for key, value in (("model.obs_sigma", c.model.obs_sigma),
                      ("model.log_scale_bound", c.model.log_scale_bound),
-                     ("optimizer.learning_rate", c.optimizer.learning_rate)):
+                     ("optimizer.learning_rate", c.optimizer.learning_rate),
+                     ("optimizer.eps", c.optimizer.eps)):
     _positive(value, key, float)
   _validate_objective(c.objective, c.batch_size)
+  for key in ("b1", "b2"):
+    if not 0 <= c.optimizer[key] < 1:
+      raise ConfigError(f"config.optimizer.{key}={c.optimizer[key]} must be in [0, 1) (Adam's "
+                        "moment decay rates; the usual values are b1=0.9, b2=0.999)")
+  problem = optim.schedule_problem(c.optimizer, c.num_epochs)
+  if problem:
+    raise ConfigError(problem)
   if c.optimizer.grad_clip_norm < 0:
     raise ConfigError(f"config.optimizer.grad_clip_norm={c.optimizer.grad_clip_norm} must be >= 0 "
                       "(0 turns clipping off)")

@@ -108,6 +108,14 @@ def to_unit_interval(x: jax.Array, rng: jax.Array | None, binarize: str = "none"
   return x
 
 
+def pixel_mean(images: np.ndarray, binarize: str) -> np.ndarray:
+  """uint8[N, H, W, C] -> f32[H, W, C]: each pixel's mean in [0, 1] as the model sees it,
+  for binarized data the probability of a 1 (a dynamic draw's expectation is x / 255)."""
+  if binarize == "threshold":
+    return (images >= 128).mean(axis=0, dtype=np.float64).astype(np.float32)
+  return (images.mean(axis=0, dtype=np.float64) / 255).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- digits
 
 

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from jaxvae import data, distributions, evaluate, models, parallel, sample  # noqa: E402
+from jaxvae import data, distributions, evaluate, loops, models, parallel, sample  # noqa: E402
 from jaxvae import run as run_lib  # noqa: E402
 
 DPI = 100
@@ -446,8 +446,9 @@ def draw_training_figures(workdir, model, params, ds: data.Dataset, config, key)
   rows = read_metrics(workdir)
   run = os.path.basename(os.path.abspath(workdir))
   out = os.path.join(workdir, "figures")
+  mesh = parallel.make_mesh(local=True)
   means, kl = evaluate.posterior_stats(model, params, ds.test.images, key, config.data.binarize,
-                                       config.eval.batch_size, parallel.make_mesh(local=True))
+                                       config.eval.batch_size, mesh, loops.resolve(config, mesh))
   scene = _Scene(model, params, ds, config, key, out, run, rows[-1]["epoch"], means,
                  kl.mean(axis=0), evaluate.active_units(means)[1],
                  _spread(ds.test.labels, NUM_RECONSTRUCTIONS))

@@ -10,16 +10,26 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxvae import distributions
 
 ACTIVATIONS: dict[str, Callable] = {
     "gelu": nn.gelu, "relu": nn.relu, "elu": nn.elu, "silu": nn.silu, "tanh": jnp.tanh,
 }
-ARCHITECTURES = ("mlp", "conv")
+ARCHITECTURES = ("mlp", "conv", "locatello")
 OBS_SCALES = ("fixed", "learned_global", "learned_pixel")
 DECODER_MEANS = ("sigmoid", "identity")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# Every dense and conv kernel; biases start at zero (but see OUTPUT_BIAS_INITS).
+KERNEL_INITS: dict[str, Callable] = {
+    "lecun_normal": nn.initializers.lecun_normal(),  # flax's default
+    "glorot_uniform": nn.initializers.glorot_uniform(),  # U(+-sqrt(6 / (fan_in + fan_out)))
+}
+# The MLP decoder's output bias: zeros, or the output that decodes to the training split's
+# mean image (`output_bias`), as Burda et al.'s code starts its Bernoulli decoder.
+OUTPUT_BIAS_INITS = ("zeros", "data_mean")
+MEAN_CLIP = 1e-3  # that code clips the mean into [0.001, 0.999] before its logit
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -61,16 +71,21 @@ def _bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
   return _bf16_product(lhs, rhs, dimension_numbers)
 
 
-def _layer(cls, dtype):
-  """nn.Dense or nn.Conv computing in `dtype`: float32, or bfloat16 products that sum in
-  float32 (parameters and the activations between layers stay float32). Dense products are
-  bfloat16 forward and backward; convolutions forward only."""
+def _layer(cls, dtype, kernel_init):
+  """nn.Dense, nn.Conv or nn.ConvTranspose with `kernel_init`, computing in `dtype`: float32,
+  or bfloat16 products that sum in float32 (parameters and the activations between layers stay
+  float32). Dense products are bfloat16 forward and backward; (transposed) convolutions forward
+  only."""
   if dtype == jnp.float32:
-    return cls
+    return functools.partial(cls, kernel_init=kernel_init)
   if cls is nn.Dense:
-    return functools.partial(nn.Dense, dot_general=_bf16_dot_general)
-  return functools.partial(cls, dtype=dtype, conv_general_dilated=functools.partial(
-      jax.lax.conv_general_dilated, preferred_element_type=jnp.float32))
+    return functools.partial(nn.Dense, kernel_init=kernel_init, dot_general=_bf16_dot_general)
+  if cls is nn.ConvTranspose:
+    return functools.partial(cls, kernel_init=kernel_init, dtype=dtype,
+                             preferred_element_type=jnp.float32)
+  return functools.partial(cls, kernel_init=kernel_init, dtype=dtype,
+                           conv_general_dilated=functools.partial(
+                               jax.lax.conv_general_dilated, preferred_element_type=jnp.float32))
 
 
 class MLPEncoder(nn.Module):
@@ -79,10 +94,11 @@ class MLPEncoder(nn.Module):
   latent_dim: int
   activation: Callable = nn.gelu
   dtype: jnp.dtype = jnp.float32  # of the layers' products (see `_layer`)
+  kernel_init: Callable = KERNEL_INITS["lecun_normal"]
 
   @nn.compact
   def __call__(self, x):
-    dense = _layer(nn.Dense, self.dtype)
+    dense = _layer(nn.Dense, self.dtype, self.kernel_init)
     h = x.reshape(x.shape[0], -1)
     for width in self.hidden:
       h = self.activation(dense(width)(h))
@@ -90,21 +106,26 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-  """z f32[B, K] -> f32[B, H, W, C * out_per_pixel] raw decoder outputs."""
+  """z f32[B, K] -> f32[B, H, W, C * out_per_pixel] raw decoder outputs.
+
+  `output_bias_init` initializes the output layer's bias f32[H * W * C * out_per_pixel].
+  """
   hidden: Sequence[int]
   image_shape: Sequence[int]
   out_per_pixel: int = 1
   activation: Callable = nn.gelu
   dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = KERNEL_INITS["lecun_normal"]
+  output_bias_init: Callable = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, z):
-    dense = _layer(nn.Dense, self.dtype)
+    dense = _layer(nn.Dense, self.dtype, self.kernel_init)
     h = z
     for width in reversed(self.hidden):
       h = self.activation(dense(width)(h))
     height, width, c = self.image_shape
-    out = dense(height * width * c * self.out_per_pixel)(h)
+    out = dense(height * width * c * self.out_per_pixel, bias_init=self.output_bias_init)(h)
     return out.reshape(z.shape[0], height, width, c * self.out_per_pixel)
 
 
@@ -123,13 +144,15 @@ class ConvEncoder(nn.Module):
   latent_dim: int
   activation: Callable = nn.gelu
   dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = KERNEL_INITS["lecun_normal"]
 
   @nn.compact
   def __call__(self, x):
-    dense = _layer(nn.Dense, self.dtype)
+    dense = _layer(nn.Dense, self.dtype, self.kernel_init)
+    conv = _layer(nn.Conv, self.dtype, self.kernel_init)
     h = x
     for ch in self.channels:
-      h = self.activation(_layer(nn.Conv, self.dtype)(ch, (4, 4), strides=(2, 2), padding="SAME")(h))
+      h = self.activation(conv(ch, (4, 4), strides=(2, 2), padding="SAME")(h))
     h = h.reshape(h.shape[0], -1)
     for width in self.hidden:
       h = self.activation(dense(width)(h))
@@ -148,10 +171,11 @@ class ConvDecoder(nn.Module):
   out_per_pixel: int = 1
   activation: Callable = nn.gelu
   dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = KERNEL_INITS["lecun_normal"]
 
   @nn.compact
   def __call__(self, z):
-    dense = _layer(nn.Dense, self.dtype)
+    dense = _layer(nn.Dense, self.dtype, self.kernel_init)
     height, width, c = self.image_shape
     hs = _downsampled_sizes(height, len(self.channels))
     ws = _downsampled_sizes(width, len(self.channels))
@@ -163,8 +187,66 @@ class ConvDecoder(nn.Module):
     for i, ch in reversed(list(enumerate(self.channels))):
       h = jax.image.resize(h, (h.shape[0], hs[i], ws[i], h.shape[-1]), "nearest")
       out = c * self.out_per_pixel if i == 0 else self.channels[i - 1]
-      h = _layer(nn.Conv, self.dtype)(out, (3, 3), padding="SAME")(h)
+      h = _layer(nn.Conv, self.dtype, self.kernel_init)(out, (3, 3), padding="SAME")(h)
       if i > 0:
+        h = self.activation(h)
+    return h
+
+
+# disentanglement_lib's conv_encoder (Locatello et al. 2019): (channels, kernel side) of each
+# stride-2 SAME convolution, then one dense layer; its deconv_decoder mirrors the channels with
+# 4x4 stride-2 transposed convolutions.
+LOCATELLO_CONVS = ((32, 4), (32, 4), (64, 2), (64, 2))
+LOCATELLO_DENSE = 256
+LOCATELLO_DECONV_KERNEL = 4
+
+
+class LocatelloEncoder(nn.Module):
+  """disentanglement_lib's conv_encoder: x f32[B, H, W, C] -> (mean, raw log-scale) f32[B, K].
+
+  Convs 32 4x4, 32 4x4, 64 2x2, 64 2x2, all stride 2 SAME (64x64 -> 4x4), then dense 256."""
+  latent_dim: int
+  activation: Callable = nn.relu
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = KERNEL_INITS["lecun_normal"]
+
+  @nn.compact
+  def __call__(self, x):
+    conv = _layer(nn.Conv, self.dtype, self.kernel_init)
+    dense = _layer(nn.Dense, self.dtype, self.kernel_init)
+    h = x
+    for ch, k in LOCATELLO_CONVS:
+      h = self.activation(conv(ch, (k, k), strides=(2, 2), padding="SAME")(h))
+    h = self.activation(dense(LOCATELLO_DENSE)(h.reshape(h.shape[0], -1)))
+    return dense(self.latent_dim, name="mean")(h), dense(self.latent_dim, name="log_scale")(h)
+
+
+class LocatelloDecoder(nn.Module):
+  """disentanglement_lib's deconv_decoder: z f32[B, K] -> f32[B, H, W, C * out_per_pixel].
+
+  Dense 256, dense to an (H/16, W/16, 64) map, then 4x4 stride-2 SAME transposed convs to 64,
+  32, 32 and the output channels, each doubling H and W (so H and W are multiples of 16)."""
+  image_shape: Sequence[int]
+  out_per_pixel: int = 1
+  activation: Callable = nn.relu
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = KERNEL_INITS["lecun_normal"]
+
+  @nn.compact
+  def __call__(self, z):
+    height, width, c = self.image_shape
+    factor = 2 ** len(LOCATELLO_CONVS)
+    channels = [ch for ch, _ in LOCATELLO_CONVS]
+    top = (z.shape[0], height // factor, width // factor, channels[-1])
+    dense = _layer(nn.Dense, self.dtype, self.kernel_init)
+    deconv = _layer(nn.ConvTranspose, self.dtype, self.kernel_init)
+    h = self.activation(dense(LOCATELLO_DENSE)(z))
+    h = self.activation(dense(math.prod(top[1:]))(h)).reshape(top)
+    outs = channels[-2::-1] + [c * self.out_per_pixel]  # 64, 32, 32, C
+    k = LOCATELLO_DECONV_KERNEL
+    for i, ch in enumerate(outs):
+      h = deconv(ch, (k, k), strides=(2, 2), padding="SAME")(h)
+      if i < len(outs) - 1:
         h = self.activation(h)
     return h
 
@@ -223,21 +305,67 @@ class VAE(nn.Module):
     return self.decode(mean)
 
 
-def make_model(model_cfg, image_shape: Sequence[int]) -> VAE:
-  """Builds the VAE a `config.model` describes for images of `image_shape` (H, W, C)."""
+def output_bias(model_cfg, pixel_mean: np.ndarray) -> np.ndarray:
+  """The decoder output f32[H, W, C * out_per_pixel] whose likelihood mean is `pixel_mean`.
+
+  pixel_mean: f32[H, W, C] in [0, 1], the training split's mean image (for binary data, each
+  pixel's probability of a 1), clipped to [MEAN_CLIP, 1 - MEAN_CLIP] so no logit is infinite.
+  Bernoulli logits and sigmoid means get logit(mean), an identity Gaussian mean the mean
+  itself; the discretized logistic's log-scale channels get 0.
+  """
+  p = np.clip(np.asarray(pixel_mean, np.float64), MEAN_CLIP, 1 - MEAN_CLIP)
+  identity = model_cfg.likelihood == "gaussian" and model_cfg.decoder_mean == "identity"
+  out = p if identity else np.log(p) - np.log1p(-p)
+  if model_cfg.likelihood == "discretized_logistic":
+    out = np.concatenate([out, np.zeros_like(out)], axis=-1)
+  return out.astype(np.float32)
+
+
+def make_model(model_cfg, image_shape: Sequence[int], pixel_mean: np.ndarray | None = None) -> VAE:
+  """Builds the VAE a `config.model` describes for images of `image_shape` (H, W, C).
+
+  pixel_mean: f32[H, W, C], the training split's mean image in [0, 1] (`data.pixel_mean`);
+  needed by `model.output_bias_init="data_mean"` only.
+  """
   act = ACTIVATIONS[model_cfg.activation]
   dtype = jnp.dtype(model_cfg.compute_dtype)
   hidden = tuple(model_cfg.hidden)
+  kernel_init = KERNEL_INITS[model_cfg.kernel_init]
+  # The decoders take their widths in the encoder's order (outermost first) and reverse them.
+  decoder_hidden = tuple(reversed(model_cfg.decoder_hidden)) or hidden
   out_per_pixel = 2 if model_cfg.likelihood == "discretized_logistic" else 1
   if model_cfg.arch == "mlp":
-    encoder = MLPEncoder(hidden, model_cfg.latent_dim, act, dtype)
-    decoder = MLPDecoder(hidden, tuple(image_shape), out_per_pixel, act, dtype)
+    encoder = MLPEncoder(hidden, model_cfg.latent_dim, act, dtype, kernel_init)
+    bias_init = nn.initializers.zeros_init()
+    if model_cfg.output_bias_init == "data_mean":
+      if pixel_mean is None:
+        raise ValueError("model.output_bias_init='data_mean' needs the training split's mean "
+                         "image: pass pixel_mean=data.pixel_mean(train_images, binarize)")
+      bias = output_bias(model_cfg, pixel_mean).ravel()
+      bias_init = lambda key, shape, dtype=jnp.float32: jnp.asarray(bias, dtype).reshape(shape)
+    decoder = MLPDecoder(decoder_hidden, tuple(image_shape), out_per_pixel, act, dtype,
+                         kernel_init, bias_init)
+  elif model_cfg.arch == "locatello":
+    _check_locatello_shape(image_shape)
+    encoder = LocatelloEncoder(model_cfg.latent_dim, act, dtype, kernel_init)
+    decoder = LocatelloDecoder(tuple(image_shape), out_per_pixel, act, dtype, kernel_init)
   else:
     channels = tuple(model_cfg.conv_channels)
-    encoder = ConvEncoder(channels, hidden, model_cfg.latent_dim, act, dtype)
-    decoder = ConvDecoder(channels, hidden, tuple(image_shape), out_per_pixel, act, dtype)
+    encoder = ConvEncoder(channels, hidden, model_cfg.latent_dim, act, dtype, kernel_init)
+    decoder = ConvDecoder(channels, decoder_hidden, tuple(image_shape), out_per_pixel, act,
+                          dtype, kernel_init)
   return VAE(encoder, decoder, tuple(image_shape), model_cfg.likelihood, model_cfg.obs_scale,
              model_cfg.obs_sigma, model_cfg.log_scale_bound, model_cfg.decoder_mean)
+
+
+def _check_locatello_shape(image_shape: Sequence[int]) -> None:
+  """Raises unless the locatello decoder's doublings reach exactly (H, W)."""
+  factor = 2 ** len(LOCATELLO_CONVS)
+  height, width = image_shape[:2]
+  if height % factor or width % factor:
+    raise ValueError(f"config.model.arch='locatello' needs images whose height and width are "
+                     f"multiples of {factor} (its decoder doubles a map {len(LOCATELLO_CONVS)} "
+                     f"times; dSprites is 64x64), not {height}x{width}; use arch='conv' for these")
 
 
 def init_params(model: VAE, rng: jax.Array, image_shape: Sequence[int]):

@@ -279,8 +279,8 @@ def make_loss(cfg, model: VAE, dataset_size: int | None = None
 
 def iwae_bound(params, rng: jax.Array, x: jax.Array, *, model: VAE, num_samples: int,
                chunk_size: int | None = None,
-               log_lik_fn: Callable[[jax.Array, dict], jax.Array] | None = None
-               ) -> dict[str, jax.Array]:
+               log_lik_fn: Callable[[jax.Array, dict], jax.Array] | None = None,
+               unroll: bool = False) -> dict[str, jax.Array]:
   """The importance-weighted bound (Burda et al. 2016) with K = `num_samples` draws from q(z|x).
 
       log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x),   z_k ~ q(z|x)
@@ -289,7 +289,8 @@ def iwae_bound(params, rng: jax.Array, x: jax.Array, *, model: VAE, num_samples:
 
   x: f32[B, H, W, C]. The draws are taken `chunk_size` at a time (B * chunk_size decoded images
   in memory at once) and folded into a running float32 logsumexp. `log_lik_fn(x, obs) -> f32[B]`
-  scores the decoder output; the default is the model's own likelihood. Returns f32[B] nats.
+  scores the decoder output; the default is the model's own likelihood. `unroll` runs the
+  chunks as straight-line code, with no loop (see `jaxvae.loops`). Returns f32[B] nats.
   """
   chunk = min(chunk_size or num_samples, num_samples)
   num_chunks = -(-num_samples // chunk)
@@ -306,5 +307,5 @@ def iwae_bound(params, rng: jax.Array, x: jax.Array, *, model: VAE, num_samples:
     return (lse, total + jnp.where(real, log_w, 0.0).sum(axis=0)), None
 
   init = (jnp.full(x.shape[:1], -jnp.inf, jnp.float32), jnp.zeros(x.shape[:1], jnp.float32))
-  (lse, total), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
+  (lse, total), _ = jax.lax.scan(body, init, jnp.arange(num_chunks), unroll=unroll)
   return {"iwae": lse - math.log(num_samples), "elbo": total / num_samples}

@@ -197,10 +197,11 @@ def restore_run(workdir: str, step: int | None = None) -> Run:
   config.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
                                      for k, v in config_lib.flatten(saved).items() if k in known})
   ds = data.load(config.data)
-  model = models.make_model(config.model, ds.image_shape)
+  model = models.make_model(config.model, ds.image_shape,
+                            data.pixel_mean(ds.train.images, config.data.binarize))
   keys = Keys.from_seed(config.seed)
-  template = {"state": jax.eval_shape(
-      lambda: init_state(model, optim.make_optimizer(config.optimizer), keys.init, ds.image_shape)),
+  tx = optim.make_optimizer(config.optimizer, len(ds.train.images) // config.batch_size)
+  template = {"state": jax.eval_shape(lambda: init_state(model, tx, keys.init, ds.image_shape)),
               "keys": keys.as_dict()}
   manager = checkpoint.make_manager(workdir, config.checkpoint.keep)
   step = manager.latest_step() if step is None else step

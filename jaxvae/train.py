@@ -1,10 +1,11 @@
 """Train state, the compiled epoch, and `train_and_evaluate(config, workdir)`.
 
 The way a batch travels: uint8 images are put on device once; each epoch a permutation from
-fold_in(shuffle_key, epoch) orders them; `lax.scan` runs a chunk of steps per compiled call,
-gathering and scaling each batch inside the step, with the step's key fold_in(train_key,
-step). Metrics are summed on device and reach the host once per chunk. A resumed run
-replays exactly, since every key is a function of (seed, epoch, step).
+fold_in(shuffle_key, epoch) orders them; a chunk of steps runs per call, as one compiled loop
+(or, for convolutions on CPU, one compiled call per step: see `jaxvae.loops`), gathering and
+scaling each batch inside the step, with the step's key fold_in(train_key, step). Metrics are
+summed on device and reach the host once per chunk. A resumed run replays exactly, since every
+key is a function of (seed, epoch, step).
 """
 
 import dataclasses
@@ -18,10 +19,11 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import tqdm
 
-from jaxvae import checkpoint, data, evaluate, figures, models, objectives, optim, parallel
+from jaxvae import checkpoint, data, evaluate, figures, loops, models, objectives, optim, parallel
 from jaxvae import run as run_lib
 from jaxvae import config as config_lib
 from jaxvae.state import Keys, TrainState, init_state
@@ -68,8 +70,8 @@ def make_train_step(model: models.VAE, tx, config, dataset_size: int | None = No
   return train_step
 
 
-def make_train_chunk(train_step, mesh):
-  """Compiles up to S steps as one call.
+def make_train_chunk(train_step, mesh, loop: str):
+  """Up to S steps as one call, in `loop` mode ("scan" or "per_step", see `jaxvae.loops`).
 
   chunk(state, batches uint8[S, B, H, W, C] (batch axis sharded, see `parallel.gather_batches`),
         valid bool[S], train_key, stop int32[D] (see `parallel.signal_array`))
@@ -77,22 +79,24 @@ def make_train_chunk(train_step, mesh):
     `skipped_steps` and `nonfinite_loss_steps`, `max_skips`, the longest run of skips so far,
     `stop`, the largest signal number any process had seen when it sent the chunk (0: none),
     and `params_finite`, whether every parameter is finite after it.
-  `valid` is a prefix: the epoch's last chunk is padded. Only the valid steps run, in a loop
-  of dynamic length, so every chunk has one shape and the function compiles once per run.
+  `valid` is a prefix: the epoch's last chunk is padded, and only the valid steps run. "scan"
+  compiles the chunk as one program with a loop of dynamic length, so every chunk has one shape
+  and the function compiles once per run; "per_step" is a `StepwiseChunk` (valid read on the
+  host). Both draw step keys fold_in(train_key, state.step) and sum the same way.
   """
   batch_sharding = parallel.batch_sharded(mesh)
 
-  def chunk(state, batches, valid, train_key, stop):
-    def body(i, carry):
-      state, metrics = carry
-      x = jax.lax.with_sharding_constraint(batches[i], batch_sharding)
-      state, step_metrics = train_step(state, x, jax.random.fold_in(train_key, state.step))
-      return state, jax.tree.map(lambda m, v: m.at[i].set(v), metrics, step_metrics)
-
+  def blank_metrics(state, batches, train_key):
     shapes = jax.eval_shape(train_step, state, batches[0], train_key)[1]
-    metrics = jax.tree.map(lambda m: jnp.zeros(valid.shape + m.shape, m.dtype), shapes)
-    # A loop of dynamic length: padded steps are never entered, with no lax.cond to skip them.
-    state, metrics = jax.lax.fori_loop(0, valid.sum(), body, (state, metrics))
+    return jax.tree.map(lambda m: jnp.zeros(batches.shape[:1] + m.shape, m.dtype), shapes)
+
+  def step(i, state, metrics, batches, train_key):
+    """Step i of the chunk; its metrics go to row i of `metrics` (each [S, ...])."""
+    x = jax.lax.with_sharding_constraint(batches[i], batch_sharding)
+    state, step_metrics = train_step(state, x, jax.random.fold_in(train_key, state.step))
+    return state, jax.tree.map(lambda m, v: m.at[i].set(v), metrics, step_metrics)
+
+  def sums_of(state, metrics, valid, stop):
     applied = valid & ~metrics["skipped"]
     sums = {k: jnp.sum(jnp.where(applied, metrics[k], 0.0)) for k in TRAIN_SUM_KEYS
             if k in metrics}
@@ -106,9 +110,69 @@ def make_train_chunk(train_step, mesh):
     # checkpoint.
     sums["params_finite"] = jnp.all(jnp.stack(
         [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(state.params)]))
-    return state, sums
+    return sums
 
-  return jax.jit(chunk, donate_argnums=0, compiler_options=compiler_options(mesh))
+  options = compiler_options(mesh)
+  if loop == "per_step":
+    # Placed as the step places its metrics, so the step sees one input type: one compilation.
+    return StepwiseChunk(jax.jit(blank_metrics, out_shardings=parallel.replicated(mesh)),
+                         jax.jit(step, donate_argnums=(1, 2), compiler_options=options),
+                         jax.jit(sums_of))
+
+  def chunk(state, batches, valid, train_key, stop):
+    metrics = blank_metrics(state, batches, train_key)
+    # A loop of dynamic length: padded steps are never entered, with no lax.cond to skip them.
+    state, metrics = jax.lax.fori_loop(
+        0, valid.sum(), lambda i, carry: step(i, *carry, batches, train_key), (state, metrics))
+    return state, sums_of(state, metrics, valid, stop)
+
+  return jax.jit(chunk, donate_argnums=0, compiler_options=options)
+
+
+class StepwiseChunk:
+  """A train chunk as one compiled call per valid step, driven from Python, for convolutions
+  on XLA:CPU (see `jaxvae.loops`); called like the scanned chunk, with `valid` on the host.
+
+  Three programs: `blank` (the zeroed metrics rows), `step` (one step, state and metrics
+  donated) and `sums` (the chunk's sums). Each compiles once per run, whatever the chunk's
+  number of valid steps, and each step is the same program wherever a chunk starts, so a
+  resumed run replays bit for bit. `lower` and `compile` mirror `jax.jit`'s ahead-of-time
+  stages: `chunk.lower(*args).compile()` is a StepwiseChunk of compiled programs, whose
+  `as_text()` is their HLO.
+  """
+
+  def __init__(self, blank, step, sums):
+    self.programs = (blank, step, sums)
+
+  def __call__(self, state, batches, valid, train_key, stop):
+    blank, step, sums = self.programs
+    metrics = blank(state, batches, train_key)
+    for i in range(int(np.sum(valid))):
+      state, metrics = step(np.int32(i), state, metrics, batches, train_key)
+    return state, sums(state, metrics, valid, stop)
+
+  def lower(self, state, batches, valid, train_key, stop) -> "_LoweredChunk":
+    blank, step, sums = self.programs
+    metrics = jax.eval_shape(blank, state, batches, train_key)
+    return _LoweredChunk((blank.lower(state, batches, train_key),
+                          step.lower(np.int32(0), state, metrics, batches, train_key),
+                          sums.lower(state, metrics, valid, stop)))
+
+  def as_text(self) -> str:
+    """The HLO of the three programs of a compiled chunk (see `lower`)."""
+    return "\n".join(program.as_text() for program in self.programs)
+
+  def _cache_size(self) -> int:
+    """Compilations of the most compiled program: 1 in a healthy run, as for `jax.jit`."""
+    return max(program._cache_size() for program in self.programs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoweredChunk:
+  lowered: tuple
+
+  def compile(self) -> StepwiseChunk:
+    return StepwiseChunk(*(program.compile() for program in self.lowered))
 
 
 def compiler_options(mesh) -> dict:
@@ -273,7 +337,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     state, keys, sums = _restore_or_init(run)
     train_chunk = make_train_chunk(
-        make_train_step(run.model, run.tx, config, len(run.ds.train.images)), run.mesh)
+        make_train_step(run.model, run.tx, config, len(run.ds.train.images)), run.mesh,
+        loops.resolve(config, run.mesh))
     evaluator = evaluate.Evaluator(run.model, config, run.ds.test, run.mesh)
     with _StopRequest() as stop:
       state, history, stop_signum = _train_loop(run, state, keys, sums, train_chunk, evaluator,
@@ -307,8 +372,10 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -
     raise config_lib.ConfigError(f"config.batch_size={config.batch_size} exceeds the "
                                  f"{num_train} training images; lower it")
   chunks = min(config.log.chunks_per_epoch, steps_per_epoch)
-  model = models.make_model(config.model, ds.image_shape)
-  return _Run(config, workdir, mesh, ds, model, optim.make_optimizer(config.optimizer),
+  model = models.make_model(config.model, ds.image_shape,
+                            data.pixel_mean(ds.train.images, config.data.binarize))
+  return _Run(config, workdir, mesh, ds, model,
+              optim.make_optimizer(config.optimizer, steps_per_epoch),
               steps_per_epoch, math.ceil(steps_per_epoch / chunks),
               config.num_steps or config.num_epochs * steps_per_epoch,
               checkpoint.make_manager(workdir, config.checkpoint.keep, config_json),

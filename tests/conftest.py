@@ -1,6 +1,7 @@
-"""Shared test helpers: paths, the real-data location, and tiny configs."""
+"""Shared test helpers: paths, the real-data location, tiny configs, and reading compiled HLO."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,48 @@ def tiny_sprites_config(num_steps: int = 30):
   config.log.progress = False
   config.log.tensorboard = False  # the digits runs cover it; TensorFlow takes seconds to import
   return config
+
+
+def tiny_conv_config(num_epochs: int = 2):
+  """`tiny_digits_config` with a small conv encoder and decoder."""
+  config = tiny_digits_config(num_epochs)
+  config.model.arch = "conv"
+  config.model.conv_channels = (4, 8)
+  config.model.hidden = (16,)
+  return config
+
+
+# Attributes that name the computations an HLO instruction runs: loop bodies and conditions,
+# fusions, calls, reductions' appliers, conditional branches, custom calls' own.
+_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false_computation|"
+                    r"branch_computations|called_computations)=(\{[^}]*\}|%[\w.\-]+)")
+_CONVOLUTION = re.compile(r"\bconvolution\(|custom_call_target=\"[^\"]*conv", re.IGNORECASE)
+
+
+def convolutions_in_loops(hlo: str) -> list[str]:
+  """The convolution instructions of compiled HLO text (`Compiled.as_text()`, one module or
+  several one after another) that run inside a while loop: in a loop's body or condition, or in
+  any computation those call, however deep (fusions, calls, branches, nested loops)."""
+  found = []
+  for module in re.split(r"^(?=HloModule )", hlo, flags=re.MULTILINE):
+    computations, lines = {}, None
+    for line in module.splitlines():
+      head = re.match(r"(?:ENTRY )?%([\w.\-]+) \(.*\{$", line)
+      if head:
+        lines = computations.setdefault(head.group(1), [])
+      elif line.startswith("}"):
+        lines = None
+      elif lines is not None:
+        lines.append(line.strip())
+    todo = [name for body in computations.values() for line in body if " while(" in line
+            for name in re.findall(r"\b(?:body|condition)=%([\w.\-]+)", line)]
+    inside = set()
+    while todo:
+      name = todo.pop()
+      if name not in inside:
+        inside.add(name)
+        todo += [called for line in computations[name] for group in _CALLS.findall(line)
+                 for called in re.findall(r"%([\w.\-]+)", group)]
+    found += [line for name in sorted(inside) for line in computations[name]
+              if _CONVOLUTION.search(line)]
+  return found

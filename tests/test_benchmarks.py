@@ -30,15 +30,19 @@ def test_throughput_reports_its_figures():
   for key in ("compile_s", "train_s_per_epoch", "eval_s", "matmul_rate_gflop_per_s",
               "optimizer_ms", "peak_rss_gib"):
     assert out[key] > 0, key
+  assert out["config"]["loop_mode"] == "scan"
   assert out["floor_ms_per_step"] < out["train_ms_per_step"] / out["fraction_of_matmul_rate"]
 
 
 @pytest.mark.slow
 def test_compare_times_each_variant_with_its_own_config():
   out = _json_line("benchmarks/compare.py", *SMALL, "--image_shape=8,8,1", "--rounds=1",
-                   "--steps=3", "--variants=; model.hidden=(64,) model.compute_dtype=bfloat16")
-  base, other = out["variants"]
+                   "--steps=3", "--variants=; model.hidden=(64,) model.compute_dtype=bfloat16; "
+                   "model.arch=conv model.conv_channels=(4,8)")
+  base, other, conv = out["variants"]
   assert base["variant"] == "(config)" and base["speedup"] == 1.0
   assert other["variant"] == "model.hidden=(64,) model.compute_dtype=bfloat16"
   assert other["step_gflop"] == pytest.approx(2 * base["step_gflop"], rel=0.05)
-  assert all(r["ms_per_step"] > 0 and r["matmul_rate_gflop_per_s"] > 0 for r in (base, other))
+  assert [r["loop_mode"] for r in (base, other, conv)] == ["scan", "scan", "per_step"]
+  assert all(r["ms_per_step"] > 0 and r["matmul_rate_gflop_per_s"] > 0 and r["compile_s"] > 0
+             for r in (base, other, conv))

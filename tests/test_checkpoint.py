@@ -31,7 +31,7 @@ def _setup(hidden):
   config = tiny_digits_config()
   config.model.hidden = hidden
   model = models.make_model(config.model, (8, 8, 1))
-  tx = optim.make_optimizer(config.optimizer)
+  tx = optim.make_optimizer(config.optimizer, 1500 // config.batch_size)
   keys = state_lib.Keys.from_seed(0)
   state = state_lib.init_state(model, tx, keys.init, (8, 8, 1))
   step = jax.jit(train.make_train_step(model, tx, config))

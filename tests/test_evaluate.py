@@ -1,14 +1,16 @@
 """Evaluation metrics against closed forms, scikit-image, and a trained tiny model."""
 
+import functools
 import math
 
+import dm_pix
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import tiny_digits_config
+from conftest import convolutions_in_loops, tiny_conv_config, tiny_digits_config
 from jaxvae import data, distributions, evaluate, models, objectives, parallel
 from jaxvae import run as run_lib
 from jaxvae import train as train_lib
@@ -64,6 +66,21 @@ def test_iwae_chunks_fold_into_one_logsumexp(trained):
   np.testing.assert_allclose(out["iwae"], expected, rtol=1e-5)
   np.testing.assert_allclose(out["elbo"], log_w.mean(0), rtol=1e-5)
   assert np.all(np.asarray(out["iwae"]) >= np.asarray(out["elbo"]))
+
+
+def test_unrolled_iwae_has_no_convolution_in_a_loop_and_the_same_bound():
+  image_shape = (8, 8, 1)
+  model = models.make_model(tiny_conv_config().model, image_shape)
+  params = models.init_params(model, jax.random.key(0), image_shape)
+  x = jax.random.uniform(jax.random.key(1), (5,) + image_shape)
+  compiled = {unroll: jax.jit(functools.partial(
+      objectives.iwae_bound, model=model, num_samples=10, chunk_size=4, unroll=unroll)).lower(
+          params, jax.random.key(2), x).compile() for unroll in (False, True)}
+  assert convolutions_in_loops(compiled[False].as_text())
+  assert convolutions_in_loops(compiled[True].as_text()) == []
+  scanned, unrolled = (compiled[u](params, jax.random.key(2), x) for u in (False, True))
+  for k in ("iwae", "elbo"):
+    np.testing.assert_allclose(unrolled[k], scanned[k], rtol=1e-6)
 
 
 def _ppca_vae(scales, sigma, offset, image_shape):
@@ -202,6 +219,16 @@ def test_ssim_is_one_for_identical_images_and_falls_with_noise(metric, shape):
     previous = score
 
 
+@pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1), (32, 32, 3)])
+def test_ssim_outside_a_loop_is_dm_pix_ssim_with_its_own_convolutions(shape):
+  x = jnp.asarray(_smooth_images(3, *shape, seed=3))
+  y = jnp.clip(x + 0.15 * jax.random.normal(jax.random.key(4), x.shape), 0, 1)
+  size, sigma = evaluate.ssim_filter(*shape[:2])
+  convolved = dm_pix.ssim(x, y, max_val=1.0, filter_size=size, filter_sigma=sigma)
+  np.testing.assert_array_equal(evaluate.ssim(x, y, in_loop=True), convolved)
+  np.testing.assert_allclose(evaluate.ssim(x, y), convolved, atol=1e-5)
+
+
 def test_paper_ssim_matches_scikit_image_with_its_old_defaults():
   skimage_metrics = pytest.importorskip("skimage.metrics", reason="scikit-image is not installed "
                                         "(a test-only comparison; pip install scikit-image)")
@@ -236,7 +263,7 @@ def test_collapsing_a_trained_dimension_removes_one_active_unit(trained):
   run, mesh = trained, parallel.make_mesh()
   stats_of = lambda params: evaluate.posterior_stats(
       run.model, params, run.dataset.test.images, run.keys.eval, run.config.data.binarize, 100,
-      mesh)
+      mesh, "scan")
   means, kl = stats_of(run.state.params)
   count, _ = evaluate.active_units(means)
   j = int(np.argmax(kl.mean(0)))
@@ -252,11 +279,12 @@ def test_collapsing_a_trained_dimension_removes_one_active_unit(trained):
   np.testing.assert_array_equal(np.delete(collapsed_kl, j, 1), np.delete(kl, j, 1))
 
 
-def test_binarization_does_not_depend_on_the_batching(trained):
+@pytest.mark.parametrize("loop", ["scan", "per_step"])
+def test_binarization_does_not_depend_on_the_batching(trained, loop):
   # Each image's binarization is keyed by its index, so any eval batch size sees the same x.
   run, mesh = trained, parallel.make_mesh()
   means = [evaluate.posterior_stats(run.model, run.state.params, run.dataset.test.images,
-                                    run.keys.eval, "dynamic", b, mesh)[0] for b in (297, 64)]
+                                    run.keys.eval, "dynamic", b, mesh, loop)[0] for b in (297, 64)]
   np.testing.assert_allclose(means[0], means[1], rtol=1e-5, atol=1e-6)
 
 
@@ -297,6 +325,21 @@ def test_evaluator_is_deterministic_given_the_key(trained):
   first = evaluator(run.state.params, run.keys.eval)
   assert evaluator(run.state.params, run.keys.eval) == first
   assert evaluator(run.state.params, jax.random.key(99))["elbo_nats"] != first["elbo_nats"]
+
+
+def test_per_step_evaluation_matches_the_scanned_one(trained):
+  run, mesh = trained, parallel.make_mesh()
+  out = {}
+  for loop in ("scan", "per_step"):
+    config = run.config.copy_and_resolve_references()
+    config.loop_mode = loop
+    evaluator = evaluate.Evaluator(run.model, config, run.dataset.test, mesh)
+    out[loop] = evaluator(run.state.params, run.keys.eval), evaluate.iwae_on_split(
+        run.model, run.state.params, config, run.dataset.test, mesh, run.keys.eval, 9)
+    assert evaluator.cache_size() == 1
+  # The same up to float rounding (SSIM's window runs as convolutions in a loop only).
+  assert out["per_step"][0] == pytest.approx(out["scan"][0], rel=1e-5)
+  assert out["per_step"][1] == pytest.approx(out["scan"][1], rel=1e-6)
 
 
 def test_evaluate_run_labels_every_number(trained):

@@ -390,7 +390,7 @@ def test_every_objective_trains_and_sums_its_metrics(kind, extra):
   config.objective.kind, config.objective.num_samples = kind, 1 + (kind == "iwae")
   config_lib.validate(config)
   model = models.make_model(config.model, (8, 8, 1))
-  tx = optim.make_optimizer(config.optimizer)
+  tx = optim.make_optimizer(config.optimizer, 10)
   state = models.init_params(model, jax.random.key(0), (8, 8, 1))
   state = train.TrainState(jnp.int32(0), state, tx.init(state), jnp.int32(0))
   step = jax.jit(train.make_train_step(model, tx, config, dataset_size=1500))

@@ -116,11 +116,11 @@ def test_batches_are_split_over_devices_and_the_state_is_replicated():
     config = digits.get_config()
     config.model.hidden, config.model.latent_dim = (32,), 4
     model = models.make_model(config.model, (8, 8, 1))
-    tx = optim.make_optimizer(config.optimizer)
+    tx = optim.make_optimizer(config.optimizer, 2)
     keys = state_lib.Keys.from_seed(0)
     state = jax.device_put(state_lib.init_state(model, tx, keys.init, (8, 8, 1)),
                            parallel.replicated(mesh))
-    chunk = train.make_train_chunk(train.make_train_step(model, tx, config), mesh)
+    chunk = train.make_train_chunk(train.make_train_step(model, tx, config), mesh, "scan")
     images = np.random.default_rng(1).integers(0, 256, (64, 8, 8, 1), np.uint8)
     batches = parallel.gather_batches(images, np.arange(64).reshape(2, 32), mesh)
     no_signal = parallel.signal_array(0, mesh)

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from configs import cifar10
-from conftest import CIFAR10_TGZ, REPO, needs, tiny_digits_config
+from conftest import (CIFAR10_TGZ, REPO, convolutions_in_loops, needs, tiny_conv_config,
+                      tiny_digits_config)
 from jaxvae import config as config_lib
-from jaxvae import data, evaluate, models, optim, parallel
+from jaxvae import data, evaluate, loops, models, optim, parallel
 from jaxvae import state as state_lib
 from jaxvae import train as train_lib
 
@@ -59,6 +60,61 @@ def test_epoch_batches_cover_each_image_once_and_depend_on_the_epoch():
   tail, tail_valid = train_lib.epoch_batches(key, 3, 103, 10, start=7, chunk_steps=4)
   np.testing.assert_array_equal(np.asarray(tail)[np.asarray(tail_valid)],
                                 np.asarray(idx)[np.asarray(valid)][7:])
+
+
+@pytest.fixture(scope="module")
+def conv_chunks():
+  """A tiny conv model's train chunk of 6 steps on 8x8 images, compiled in both loop modes.
+
+  Returns (chunks {loop: compiled chunk}, fresh() -> a new initial state (chunks donate
+  theirs), batches(first) -> uint8[6, B, 8, 8, 1] of steps first.. of one epoch, train key).
+  """
+  config, mesh, shape = tiny_conv_config(), parallel.make_mesh(), (8, 8, 1)
+  model = models.make_model(config.model, shape)
+  tx = optim.make_optimizer(config.optimizer, 8)
+  keys = state_lib.Keys.from_seed(0)
+  fresh = lambda: state_lib.init_state(model, tx, keys.init, shape)
+  b = config.batch_size
+  images = np.random.default_rng(0).integers(0, 256, (8 * b,) + shape, np.uint8)
+  batches = lambda first: parallel.gather_batches(
+      images, np.arange(first * b, (first + 6) * b).reshape(6, b), mesh)
+  step = train_lib.make_train_step(model, tx, config)
+  args = (fresh(), batches(0), np.ones(6, bool), keys.train, parallel.signal_array(0, mesh))
+  chunks = {loop: train_lib.make_train_chunk(step, mesh, loop).lower(*args).compile()
+            for loop in ("per_step", "scan")}
+  return chunks, fresh, batches, keys.train
+
+
+def test_no_convolution_of_the_cpu_train_chunk_runs_inside_a_compiled_loop(conv_chunks):
+  # XLA:CPU runs a convolution inside a while loop ~20x slower (jax-ml/jax#12868).
+  config, mesh = tiny_conv_config(), parallel.make_mesh()
+  assert mesh.devices.flat[0].platform == "cpu" and loops.resolve(config, mesh) == "per_step"
+  chunks = conv_chunks[0]
+  hlo = chunks["per_step"].as_text()
+  assert "convolution(" in hlo
+  assert convolutions_in_loops(hlo) == []
+  assert convolutions_in_loops(chunks["scan"].as_text())  # the check sees the defect where it is
+
+
+def test_per_step_and_scan_chunks_agree_and_per_step_does_not_depend_on_the_chunking(
+    conv_chunks):
+  chunks, fresh, batches, train_key = conv_chunks
+  no_signal = parallel.signal_array(0, parallel.make_mesh())
+  valid = np.arange(6) < 5  # a padded chunk: the sixth step must not run
+  scan_state, scan_sums = chunks["scan"](fresh(), batches(0), valid, train_key, no_signal)
+  whole, sums = chunks["per_step"](fresh(), batches(0), valid, train_key, no_signal)
+  # As a resumed run cuts its epoch: 2 steps, then the other 3 in a chunk of their own.
+  part, _ = chunks["per_step"](fresh(), batches(0), np.arange(6) < 2, train_key, no_signal)
+  part, _ = chunks["per_step"](part, batches(2), np.arange(6) < 3, train_key, no_signal)
+  assert int(whole.step) == int(part.step) == int(scan_state.step) == 5
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(part)):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+  assert int(sums["steps"]) == int(scan_sums["steps"]) == 5
+  assert sums.keys() == scan_sums.keys()
+  for k in set(train_lib.TRAIN_SUM_KEYS) & sums.keys():
+    assert float(sums[k]) == pytest.approx(float(scan_sums[k]), rel=1e-5), k
+  for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(scan_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def _train_py(*args, timeout=300):
@@ -112,6 +168,10 @@ def test_validate_names_bad_combinations():
   c.objective.beta = -1.0
   with pytest.raises(config_lib.ConfigError, match="objective.beta"):
     config_lib.validate(c)
+  c = tiny_digits_config()
+  c.loop_mode = "unroll"
+  with pytest.raises(config_lib.ConfigError, match="config.loop_mode='unroll' is not allowed"):
+    config_lib.validate(c)
 
 
 @pytest.mark.slow
@@ -122,7 +182,7 @@ def test_paper_config_lowers_test_elbo_on_real_cifar10_in_300_steps():
   ds = data.load(config.data)
   mesh = parallel.make_mesh()
   model = models.make_model(config.model, ds.image_shape)
-  tx = optim.make_optimizer(config.optimizer)
+  tx = optim.make_optimizer(config.optimizer, len(ds.train.images) // 32)
   keys = state_lib.Keys.from_seed(0)
   state = state_lib.init_state(model, tx, keys.init, ds.image_shape)
   assert models.count_params(state.params) == 3_543_552
@@ -130,7 +190,7 @@ def test_paper_config_lowers_test_elbo_on_real_cifar10_in_300_steps():
   evaluator = evaluate.Evaluator(model, config, data.Split(ds.test.images[:2000], ds.test.labels[:2000]),
                                  mesh)
   before = evaluator(state.params, keys.eval)
-  chunk = train_lib.make_train_chunk(train_lib.make_train_step(model, tx, config), mesh)
+  chunk = train_lib.make_train_chunk(train_lib.make_train_step(model, tx, config), mesh, "scan")
   idx, valid = jax.device_get(
       train_lib.epoch_batches(keys.shuffle, 0, len(ds.train.images), 32, 0, 100))
   for i in range(3):
