@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loop_mode = "auto"             # auto | scan | per_step: train steps and test batches in a
                                    # compiled loop (scan) or one compiled call each (per_step);
                                    # auto: per_step for a conv model on CPU, whose convolutions
-                                   # run ~20x slower in a loop (see jaxvae/loops.py). Frozen
+                                   # run 10-20x slower in a loop (see jaxvae/loops.py). Frozen
                                    # on resume: the modes agree only up to float rounding
 
   c.data = ml_collections.ConfigDict()

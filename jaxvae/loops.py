@@ -6,15 +6,16 @@ inside (`lax.fori_loop`, `lax.map`, `lax.scan`); the host dispatches once per ch
 sample chunks is unrolled, so no convolution runs inside a compiled loop.
 
 XLA:CPU gives a convolution inside a while loop a slow generic kernel instead of its fast one
-(jax-ml/jax#12868; the loop body keeps the convolution's dimension order rather than the
-canonical one the fast kernel takes). For the CIFAR-10 conv VAE at batch 64 on 2 cores, a
-step in a loop took 1.4-3.3 s against 80-150 ms per compiled call. So `auto` is `per_step` for
-a conv model on CPU and `scan` otherwise: an MLP has no convolution, and on GPU convolutions
-run the same cuDNN kernels inside a loop while the loop saves a host dispatch per step.
+(jax-ml/jax#12868): for the CIFAR-10 conv VAE at batch 64 on 2 shared cores a step took 7.8 s
+in the scanned chunk against 0.62 s as one compiled call (benchmarks/compare.py, one process).
+So `auto` is `per_step` for a conv model on CPU and `scan` otherwise: an MLP has no
+convolution, and on GPU the loop is kept because convolutions run the same cuDNN kernels
+inside it while it saves a host dispatch per step (an H100 ran a small conv net's step in
+0.33 ms scanned against 0.55-0.63 ms per call, at batch 64).
 
-Unrolling a chunk (straight-line steps in one program) was measured too and not kept: no
-faster per step than one call per step (within noise), and compiling 6 unrolled steps took
-21.5 s against 5.7 s for one.
+Unrolling a chunk (its steps as straight-line code in one program) was measured too and not
+kept: no faster per step (237-244 ms against 227 ms per call, same process) and slower to
+compile (21.5 s for 6 unrolled steps against 5.7 s for one).
 """
 
 LOOP_MODES = ("auto", "scan", "per_step")
