@@ -40,56 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.sprites_subsample = 0     # sprites: train on a fixed random n of the 737,280-image
                                    # grid (test: min(10,000, n) images); 0: the whole grid
 
-  c.model = ml_collections.ConfigDict()
-  c.model.arch = "mlp"             # mlp | conv | locatello (disentanglement_lib's conv_encoder and
-                                   # deconv_decoder, fixed: hidden, conv_channels unused)
-  c.model.hidden = (512,)          # dense widths; the decoder mirrors them
-  c.model.decoder_hidden = ()      # the decoder's dense widths from z outward; (): mirror hidden
-  c.model.conv_channels = (32, 64)  # conv arch: channels of the stride-2 layers
-  c.model.latent_dim = 256
-  c.model.activation = "gelu"
-  c.model.likelihood = "gaussian"  # gaussian | bernoulli | discretized_logistic
-  c.model.obs_scale = "fixed"      # gaussian: fixed | learned_global | learned_pixel
-  c.model.obs_sigma = 0.5 ** 0.5   # gaussian, fixed: sigma of p(x|z)
-  c.model.decoder_mean = "sigmoid"  # gaussian: sigmoid (paper) | identity
-  c.model.log_scale_bound = 7.0    # every log-scale is soft-clamped to (-bound, bound)
-  c.model.kernel_init = "lecun_normal"  # lecun_normal (flax's default) | glorot_uniform
-  c.model.output_bias_init = "zeros"  # mlp decoder: zeros | data_mean (decodes to the train mean)
-  c.model.compute_dtype = "float32"  # float32 | bfloat16: the layers' products (float32 sums);
-                                     # parameters, activations, Adam and the loss stay float32
-
-  c.objective = ml_collections.ConfigDict()
-  c.objective.kind = "elbo"        # elbo | capacity | beta_tcvae | iwae (jaxvae/objectives.py)
-  c.objective.beta = 1.0           # elbo: KL weight in the loss; reported ELBOs always use 1
-  c.objective.num_samples = 1      # L, Monte Carlo draws of z per example; iwae: its k (>= 2)
-  c.objective.warmup_steps = 0     # KL warm-up: the KL weights rise from 0 over these optimizer
-                                   # steps (0: off); a function of the step, so a resumed run
-                                   # past it trains at full weight
-  c.objective.free_bits = 0.0      # nats: each latent dim's batch-mean KL is floored here in the
-                                   # loss (0: off); beta_tcvae floors its dimension-wise KL
-  c.objective.capacity_start = 0.0  # capacity: C rises linearly from start to max nats over
-  c.objective.capacity_max = 25.0   #   capacity_steps optimizer steps, then stays at max
-  c.objective.capacity_steps = 100_000
-  c.objective.capacity_gamma = 1000.0  # capacity: weight of |KL - C| for a log-likelihood summed
-                                       # over pixels (averaged over D pixels: divide it by D)
-  c.objective.tc_alpha = 1.0       # beta_tcvae: weights of the index-code MI, the total
-  c.objective.tc_beta = 6.0        #   correlation and the dimension-wise KL
-  c.objective.tc_gamma = 1.0
-
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.b1 = 0.9             # Adam's decay rates of the first and second moments
-  c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-8           # Adam's epsilon, added to the root of the second moment
-  c.optimizer.schedule = "constant"  # constant | piecewise | iwae (see jaxvae/optim.py)
-  c.optimizer.stage_end_epochs = ()  # piecewise: the epoch each stage ends at, increasing
-  c.optimizer.stage_learning_rates = ()  # piecewise: each stage's learning rate
-  c.optimizer.grad_clip_norm = 0.0  # global-norm clipping; 0 turns it off
-  c.optimizer.max_consecutive_skips = 20  # non-finite steps are skipped; this many in a row stop
-  c.optimizer.skip_nonfinite = "grads"  # which steps are skipped: grads (a non-finite loss or
-                                        # any non-finite gradient) | loss (a non-finite loss
-                                        # only; faster) | off (none: a non-finite loss stops
-                                        # the run; fastest)
+  c.model = _model_config()
+  c.objective = _objective_config()
+  c.optimizer = _optimizer_config()
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 0           # evaluate (and write a metrics row) every N steps; 0: at
@@ -113,6 +66,69 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _model_config() -> ml_collections.ConfigDict:
+  """The `config.model` keys and their defaults."""
+  k = ml_collections.ConfigDict()
+  k.arch = "mlp"                   # mlp | conv | locatello (disentanglement_lib's conv_encoder and
+                                   # deconv_decoder, fixed: hidden, conv_channels unused)
+  k.hidden = (512,)                # dense widths; the decoder mirrors them
+  k.decoder_hidden = ()            # the decoder's dense widths from z outward; (): mirror hidden
+  k.conv_channels = (32, 64)        # conv arch: channels of the stride-2 layers
+  k.latent_dim = 256
+  k.activation = "gelu"
+  k.likelihood = "gaussian"        # gaussian | bernoulli | discretized_logistic
+  k.obs_scale = "fixed"            # gaussian: fixed | learned_global | learned_pixel
+  k.obs_sigma = 0.5 ** 0.5         # gaussian, fixed: sigma of p(x|z)
+  k.decoder_mean = "sigmoid"        # gaussian: sigmoid (paper) | identity
+  k.log_scale_bound = 7.0          # every log-scale is soft-clamped to (-bound, bound)
+  k.kernel_init = "lecun_normal"        # lecun_normal (flax's default) | glorot_uniform
+  k.output_bias_init = "zeros"        # mlp decoder: zeros | data_mean (decodes to the train mean)
+  k.compute_dtype = "float32"        # float32 | bfloat16: the layers' products (float32 sums);
+                                     # parameters, activations, Adam and the loss stay float32
+  return k
+
+
+def _objective_config() -> ml_collections.ConfigDict:
+  """The `config.objective` keys and their defaults."""
+  k = ml_collections.ConfigDict()
+  k.kind = "elbo"                  # elbo | capacity | beta_tcvae | iwae (jaxvae/objectives.py)
+  k.beta = 1.0                     # elbo: KL weight in the loss; reported ELBOs always use 1
+  k.num_samples = 1                # L, Monte Carlo draws of z per example; iwae: its k (>= 2)
+  k.warmup_steps = 0               # KL warm-up: the KL weights rise from 0 over these optimizer
+                                   # steps (0: off); a function of the step, so a resumed run
+                                   # past it trains at full weight
+  k.free_bits = 0.0                # nats: each latent dim's batch-mean KL is floored here in the
+                                   # loss (0: off); beta_tcvae floors its dimension-wise KL
+  k.capacity_start = 0.0            # capacity: C rises linearly from start to max nats over
+  k.capacity_max = 25.0             #   capacity_steps optimizer steps, then stays at max
+  k.capacity_steps = 100_000
+  k.capacity_gamma = 1000.0            # capacity: weight of |KL - C| for a log-likelihood summed
+                                       # over pixels (averaged over D pixels: divide it by D)
+  k.tc_alpha = 1.0                 # beta_tcvae: weights of the index-code MI, the total
+  k.tc_beta = 6.0                  #   correlation and the dimension-wise KL
+  k.tc_gamma = 1.0
+  return k
+
+
+def _optimizer_config() -> ml_collections.ConfigDict:
+  """The `config.optimizer` keys and their defaults."""
+  k = ml_collections.ConfigDict()
+  k.learning_rate = 1e-3
+  k.b1 = 0.9                       # Adam's decay rates of the first and second moments
+  k.b2 = 0.999
+  k.eps = 1e-8                     # Adam's epsilon, added to the root of the second moment
+  k.schedule = "constant"            # constant | piecewise | iwae (see jaxvae/optim.py)
+  k.stage_end_epochs = ()            # piecewise: the epoch each stage ends at, increasing
+  k.stage_learning_rates = ()            # piecewise: each stage's learning rate
+  k.grad_clip_norm = 0.0            # global-norm clipping; 0 turns it off
+  k.max_consecutive_skips = 20            # non-finite steps are skipped; this many in a row stop
+  k.skip_nonfinite = "grads"            # which steps are skipped: grads (a non-finite loss or
+                                        # any non-finite gradient) | loss (a non-finite loss
+                                        # only; faster) | off (none: a non-finite loss stops
+                                        # the run; fastest)
+  return k
+
+
 def _choice(value, allowed, key):
   if value not in allowed:
     raise ConfigError(f"config.{key}={value!r} is not allowed; choose one of {tuple(allowed)}")
@@ -133,30 +149,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for part in key.split("."):
       value = value[part]
     _positive(value, key)
+  for key, value in (("figures_every", c.figures_every), ("num_steps", c.num_steps),
+                     ("eval.every_steps", c.eval.every_steps)):
+    if value < 0:
+      raise ConfigError(f"config.{key}={value} must be >= 0 (0 turns it off)")
   _choice(c.loop_mode, loops.LOOP_MODES, "loop_mode")
   _choice(c.data.source, data.SOURCES, "data.source")
   _choice(c.data.binarize, data.BINARIZATIONS, "data.binarize")
-  _choice(c.model.arch, models.ARCHITECTURES, "model.arch")
-  _choice(c.model.activation, tuple(models.ACTIVATIONS), "model.activation")
-  _choice(c.model.likelihood, distributions.LIKELIHOODS, "model.likelihood")
-  _choice(c.model.obs_scale, models.OBS_SCALES, "model.obs_scale")
-  _choice(c.model.decoder_mean, models.DECODER_MEANS, "model.decoder_mean")
-  _choice(c.model.compute_dtype, models.COMPUTE_DTYPES, "model.compute_dtype")
-  _choice(c.model.kernel_init, tuple(models.KERNEL_INITS), "model.kernel_init")
-  _choice(c.model.output_bias_init, models.OUTPUT_BIAS_INITS, "model.output_bias_init")
-  if c.model.output_bias_init == "data_mean" and c.model.arch != "mlp":
-    raise ConfigError("config.model.output_bias_init='data_mean' needs config.model.arch='mlp' "
-                      "(the conv decoder's output bias is one per channel, not per pixel)")
+  _validate_model(c.model)
   _choice(c.optimizer.skip_nonfinite, SKIP_NONFINITE, "optimizer.skip_nonfinite")
   _choice(c.optimizer.schedule, optim.SCHEDULES, "optimizer.schedule")
-  for key in ("model.hidden", "model.decoder_hidden", "model.conv_channels"):
-    widths = c.model[key.split(".")[1]]
-    if not all(isinstance(w, int) and w > 0 for w in widths):
-      raise ConfigError(f"config.{key}={widths!r} must be a tuple of positive ints, e.g. (512,)")
-  if c.model.arch == "mlp" and not c.model.hidden:
-    raise ConfigError("config.model.hidden=() leaves the MLP with no hidden layer; give e.g. (512,)")
-  if c.model.arch == "conv" and not c.model.conv_channels:
-    raise ConfigError("config.model.conv_channels=() gives the conv arch no layer; give e.g. (32, 64)")
   for key, value in (("model.obs_sigma", c.model.obs_sigma),
                      ("model.log_scale_bound", c.model.log_scale_bound),
                      ("optimizer.learning_rate", c.optimizer.learning_rate),
@@ -185,6 +187,28 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.data.source == "folder" and not c.data.path:
     raise ConfigError("config.data.source='folder' needs config.data.path (a folder laid out "
                       "split/class/*.png, or a .tar.gz of one)")
+
+
+def _validate_model(m: ml_collections.ConfigDict) -> None:
+  _choice(m.arch, models.ARCHITECTURES, "model.arch")
+  _choice(m.activation, tuple(models.ACTIVATIONS), "model.activation")
+  _choice(m.likelihood, distributions.LIKELIHOODS, "model.likelihood")
+  _choice(m.obs_scale, models.OBS_SCALES, "model.obs_scale")
+  _choice(m.decoder_mean, models.DECODER_MEANS, "model.decoder_mean")
+  _choice(m.compute_dtype, models.COMPUTE_DTYPES, "model.compute_dtype")
+  _choice(m.kernel_init, tuple(models.KERNEL_INITS), "model.kernel_init")
+  _choice(m.output_bias_init, models.OUTPUT_BIAS_INITS, "model.output_bias_init")
+  if m.output_bias_init == "data_mean" and m.arch != "mlp":
+    raise ConfigError("config.model.output_bias_init='data_mean' needs config.model.arch='mlp' "
+                      "(the conv decoder's output bias is one per channel, not per pixel)")
+  for key in ("model.hidden", "model.decoder_hidden", "model.conv_channels"):
+    widths = m[key.split(".")[1]]
+    if not all(isinstance(w, int) and w > 0 for w in widths):
+      raise ConfigError(f"config.{key}={widths!r} must be a tuple of positive ints, e.g. (512,)")
+  if m.arch == "mlp" and not m.hidden:
+    raise ConfigError("config.model.hidden=() leaves the MLP with no hidden layer; give e.g. (512,)")
+  if m.arch == "conv" and not m.conv_channels:
+    raise ConfigError("config.model.conv_channels=() gives the conv arch no layer; give e.g. (32, 64)")
 
 
 def _validate_objective(o: ml_collections.ConfigDict, batch_size: int) -> None:

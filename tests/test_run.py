@@ -68,3 +68,13 @@ def test_a_run_measured_in_steps_evaluates_on_its_cadence_and_extends_exactly(tm
     assert r["test/elbo_nats"] == by_step[r["step"]]["test/elbo_nats"]
   rows = run_lib.MetricsLog(str(tmp_path / "split"), tensorboard=False)
   assert rows.truncate(60) == 2  # the rows past a restored step go, to be written again
+
+
+def test_negative_step_counts_are_refused_naming_the_key():
+  import pytest
+  from jaxvae import config as config_lib
+  for key in ("num_steps", "eval.every_steps"):
+    config = tiny_digits_config()
+    config.update_from_flattened_dict({key: -1})
+    with pytest.raises(config_lib.ConfigError, match=f"config.{key}=-1 must be >= 0"):
+      config_lib.validate(config)
