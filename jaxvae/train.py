@@ -464,10 +464,12 @@ def _train_until(run: _Run, state: TrainState, keys: Keys, sums: dict, row_step:
                                       parallel.signal_array(stop.signum or 0, run.mesh))
       pending.append(chunk_sums)
       if len(pending) > 1:
-        stop_signum = stop_signum or _read_chunk(run, pending.pop(0), sums, bar, epoch)
+        signum = _read_chunk(run, pending.pop(0), sums, bar, epoch)  # read even after a stop
+        stop_signum = stop_signum or signum
     step = epoch * spe + stop_in_epoch
   while pending:  # the chunk still in flight, also after a stop
-    stop_signum = stop_signum or _read_chunk(run, pending.pop(0), sums, bar, epoch)
+    signum = _read_chunk(run, pending.pop(0), sums, bar, epoch)
+    stop_signum = stop_signum or signum
   bar.close()
   return state, stop_signum
 
