@@ -338,7 +338,10 @@ def test_per_step_evaluation_matches_the_scanned_one(trained):
         run.model, run.state.params, config, run.dataset.test, mesh, run.keys.eval, 9)
     assert evaluator.cache_size() == 1
   # The same up to float rounding (SSIM's window runs as convolutions in a loop only).
-  assert out["per_step"][0] == pytest.approx(out["scan"][0], rel=1e-5)
+  per_step, scan = out["per_step"][0], out["scan"][0]
+  assert per_step.keys() == scan.keys()
+  for k in scan:
+    assert np.asarray(per_step[k]) == pytest.approx(np.asarray(scan[k]), rel=1e-5), k
   assert out["per_step"][1] == pytest.approx(out["scan"][1], rel=1e-6)
 
 

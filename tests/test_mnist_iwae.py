@@ -154,7 +154,7 @@ def test_a_few_steps_on_real_mnist_raise_the_elbo_from_the_mean_image():
   # far above zero logits' 784 ln(1/2) = -543 nats.
   before = test_iwae(state.params)
   assert before > -300
-  chunk = train.make_train_chunk(train.make_train_step(model, tx, config), mesh)
+  chunk = train.make_train_chunk(train.make_train_step(model, tx, config), mesh, "scan")
   idx, valid = jax.device_get(train.epoch_batches(keys.shuffle, 0, len(ds.train.images),
                                                   config.batch_size, 0, 20))
   elbos = []
