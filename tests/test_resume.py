@@ -188,7 +188,7 @@ def test_sigterm_saves_mid_epoch_and_resumes_exactly(tmp_path, env, reference):
   assert stopped.progress["sums"]["steps"] == at  # the epoch's partial sums travel with it
 
   stdout = _run(workdir, env)
-  assert f"resumed from step {STEPS_PER_EPOCH + at}, step {at} of epoch 2" in stdout
+  assert f"resumed from step {STEPS_PER_EPOCH + at}, step {at} of {STEPS_PER_EPOCH} in epoch 2" in stdout
   _assert_same_run(workdir, reference)
 
 
