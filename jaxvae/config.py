@@ -56,13 +56,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.log.chunks_per_epoch = 10      # compiled calls per epoch; the progress bar moves between
   c.log.progress = True            # tqdm progress bar on stderr when it is a terminal
   c.log.tensorboard = True         # also write metrics and images to WORKDIR/tensorboard/
+  c.log.figures = True             # draw WORKDIR/figures/ (False: metrics only, for sweeps and tests)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 1           # save at every N-th evaluation (epoch, or eval.every_steps);
                                    # also at the end of the run and on SIGINT/SIGTERM
   c.checkpoint.keep = 3            # the latest N, plus the best by test ELBO
 
-  c.figures_every = 0              # also draw figures at every N-th evaluation (0: at the end only)
+  c.figures_every = 0              # also draw figures at every N-th evaluation (0: at the end
+                                   # only); nothing is drawn with log.figures=False
   return c
 
 

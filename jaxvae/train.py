@@ -396,7 +396,7 @@ def _restore_or_init(run: _Run) -> tuple[TrainState, Keys, dict]:
     summary = models.summary(run.model, shape)
     print(summary, flush=True)
     run_lib.write_text(run.workdir, "model.txt", summary + "\n")
-    if parallel.is_primary():
+    if parallel.is_primary() and config.log.figures:
       figures.plot_data_preview(run.ds, os.path.join(run.workdir, "figures"))
   else:
     _, tree, progress = restored
@@ -513,7 +513,8 @@ def _end_period(run: _Run, state: TrainState, keys: Keys, sums: dict, steps_run:
   if parallel.is_primary():
     # Local copies: computing on the global arrays would need every process to join in.
     params, key = parallel.local_copy(state.params), parallel.local_copy(keys.eval)
-    if last or (config.figures_every and evaluation % config.figures_every == 0):
+    if config.log.figures and (last or (config.figures_every
+                                        and evaluation % config.figures_every == 0)):
       figures.draw_training_figures(run.workdir, run.model, params, run.ds, config, key)
     if run.log.tensorboard:
       run.log.images(step, figures.tensorboard_images(run.model, params, run.ds, config, key))

@@ -14,13 +14,15 @@ MNIST_TGZ = SHARED_DATA / "mnist-png.tar.gz"
 
 
 def tiny_digits_config(num_epochs: int = 2):
-  """configs/digits.py shrunk so a run takes a second or two."""
+  """configs/digits.py shrunk so a run takes a second or two; figures off (tests/test_figures.py
+  turns them on), TensorBoard on (a process imports TensorFlow once)."""
   from configs import digits
   config = digits.get_config()
   config.num_epochs = num_epochs
   config.model.hidden = (64,)
   config.model.latent_dim = 4
   config.log.progress = False
+  config.log.figures = False
   return config
 
 

@@ -316,6 +316,24 @@ def test_pca_baseline_improves_with_k():
   assert scores[2]["recon_mse"] < 1e-9 and scores[2]["paper_protocol_ssim"] == pytest.approx(1.0)
 
 
+def test_pca_baseline_fits_on_a_random_subset_of_a_large_split(monkeypatch):
+  ds = data.load(tiny_digits_config().data)
+  # Sorted by class, as dSprites' grid is by factor: the first 400 rows alone would miss classes.
+  train = ds.train.images[np.argsort(ds.train.labels, kind="stable")]
+  fitted, fit = [], evaluate.fit_pca
+  monkeypatch.setattr(evaluate, "fit_pca", lambda rows, *a, **kw: fitted.append(rows) or fit(
+      rows, *a, **kw))
+  full = evaluate.pca_baseline(train, ds.test.images, 8, 100)
+  monkeypatch.setattr(evaluate, "PCA_FIT_IMAGES", 400)
+  subset = evaluate.pca_baseline(train, ds.test.images, 8, 100)
+  assert [len(rows) for rows in fitted] == [len(train), 400]
+  row_of = {row.tobytes(): i for i, row in enumerate(train.reshape(len(train), -1))}
+  picked = [row_of[row.tobytes()] for row in fitted[1]]
+  assert len(set(picked)) == 400 and picked == sorted(picked)  # without replacement, in order
+  assert len(set(ds.train.labels[np.argsort(ds.train.labels, kind="stable")][picked])) == 10
+  assert subset["recon_mse"] == pytest.approx(full["recon_mse"], rel=0.1)
+
+
 # ----------------------------------------------------------------------------- the whole run
 
 

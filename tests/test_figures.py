@@ -18,7 +18,9 @@ from jaxvae import train as train_lib
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("digits")
-  train_lib.train_and_evaluate(tiny_digits_config(num_epochs=3), str(workdir))
+  config = tiny_digits_config(num_epochs=3)
+  config.log.figures = True
+  train_lib.train_and_evaluate(config, str(workdir))
   return workdir
 
 

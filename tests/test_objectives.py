@@ -15,7 +15,7 @@ from scipy import stats
 from scipy.special import logsumexp
 
 from configs import cifar10
-from jaxvae import figures, models, objectives, optim, train
+from jaxvae import models, objectives, optim, train
 from jaxvae import config as config_lib
 from jaxvae import run as run_lib
 from jaxvae.config import base_config
@@ -403,7 +403,6 @@ def test_every_objective_trains_and_sums_its_metrics(kind, extra):
 
 def test_capacity_with_warmup_stopped_midway_resumes_bit_for_bit(tmp_path, monkeypatch):
   """A run stopped by SIGTERM mid-warm-up and resumed equals one that never stopped."""
-  monkeypatch.setattr(figures, "draw_training_figures", lambda *args, **kwargs: None)
   config = tiny_digits_config(num_epochs=1)
   config.log.chunks_per_epoch = 12  # 46 steps in chunks of 4
   config.objective.kind, config.objective.warmup_steps = "capacity", 30

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from jaxvae import config as config_lib
-from jaxvae import figures, optim, parallel, train
+from jaxvae import optim, parallel, train
 from tests.conftest import tiny_digits_config
 
 IWAE_ENDS = (1, 4, 13, 40, 121, 364, 1093, 3280)
@@ -129,7 +129,6 @@ def _rows(workdir):
 
 
 def test_a_run_stopped_mid_stage_resumes_the_schedule_bitwise(tmp_path, monkeypatch):
-  monkeypatch.setattr(figures, "draw_training_figures", lambda *args, **kwargs: None)  # slow
   reference = train.train_and_evaluate(_schedule_config(), str(tmp_path / "reference"))
 
   # SIGTERM as the first chunk sees it: the run stops after the second, mid-epoch 1 (stage 0).

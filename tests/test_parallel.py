@@ -21,8 +21,11 @@ from conftest import REPO
 from jaxvae import run as run_lib
 from jaxvae import train as train_lib
 
+# Metrics and checkpoints only: figures and TensorBoard (seconds of TensorFlow import per
+# process) are tested elsewhere.
 TINY = ["--config", "configs/digits.py", "--config.model.hidden=(64,)",
-        "--config.model.latent_dim=4", "--config.log.progress=False"]
+        "--config.model.latent_dim=4", "--config.log.progress=False",
+        "--config.log.figures=False", "--config.log.tensorboard=False"]
 TIMEOUT_S = 240
 
 
@@ -220,7 +223,8 @@ def test_two_processes_match_two_devices_write_once_and_resume(tmp_path):
 def test_sigterm_to_one_process_stops_both_at_the_same_step_and_they_resume(tmp_path):
   """A signal reaches one process (as a preempted host's would); both stop at the same chunk
   with one checkpoint, where before the other one hung in its next collective."""
-  small = ["--config.batch_size=8", "--config.log.chunks_per_epoch=1000", "--config.num_epochs=3"]
+  # One step per chunk (93 in an epoch), so the stop lands mid-epoch 2.
+  small = ["--config.batch_size=16", "--config.log.chunks_per_epoch=1000", "--config.num_epochs=2"]
   reference, multi = tmp_path / "two_devices", tmp_path / "two_processes"
   _train(reference, 2, *small)
   address = f"127.0.0.1:{_free_port()}"

@@ -27,7 +27,8 @@ from tests.conftest import REPO
 
 # One step per chunk, so the bar moves (and a stop can land) after every step.
 ARGS = ["--config=configs/digits.py", "--config.model.hidden=(32,)", "--config.model.latent_dim=4",
-        "--config.batch_size=8", "--config.log.chunks_per_epoch=1000", "--config.num_epochs=4"]
+        "--config.batch_size=8", "--config.log.chunks_per_epoch=1000", "--config.num_epochs=4",
+        "--config.log.figures=False", "--config.log.tensorboard=False"]
 STEPS_PER_EPOCH = 1500 // 8
 _BAR = re.compile(r"epoch (\d+)/\d+: +\d+%\|[^|]*\| *(\d+)/(\d+)")
 
