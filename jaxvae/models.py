@@ -369,8 +369,9 @@ def _check_locatello_shape(image_shape: Sequence[int]) -> None:
 
 
 def init_params(model: VAE, rng: jax.Array, image_shape: Sequence[int]):
-  """Parameters for a model, from a dummy batch of one image."""
-  return model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))
+  """Parameters for a model, from a dummy batch of one image. Compiled: op by op it took
+  twice as long on CPU, and the bits are the same (checked for every config in configs/)."""
+  return jax.jit(model.init)(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))
 
 
 def count_params(params) -> int:

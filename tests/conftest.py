@@ -26,6 +26,15 @@ def tiny_digits_config(num_epochs: int = 2):
   return config
 
 
+@pytest.fixture(scope="session")
+def compilation_cache(tmp_path_factory) -> dict:
+  """Environment variables for subprocesses that share one persistent JAX compilation cache,
+  so a test's second and later runs of the same program skip compiling it."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_compilation_cache")),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def needs(path: Path):
   return pytest.mark.skipif(not path.exists(), reason=f"real data copy {path} is absent "
                             "(it lives in ../shared/data beside the checkout)")

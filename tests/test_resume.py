@@ -34,11 +34,8 @@ _BAR = re.compile(r"epoch (\d+)/\d+: +\d+%\|[^|]*\| *(\d+)/(\d+)")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp("jax_compilation_cache")
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def env(compilation_cache):
+  return dict(os.environ, **compilation_cache)
 
 
 def _command(workdir):
