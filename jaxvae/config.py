@@ -171,7 +171,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if not 0 <= c.optimizer[key] < 1:
       raise ConfigError(f"config.optimizer.{key}={c.optimizer[key]} must be in [0, 1) (Adam's "
                         "moment decay rates; the usual values are b1=0.9, b2=0.999)")
-  problem = optim.schedule_problem(c.optimizer, c.num_epochs)
+  # A run measured in steps is checked once its epoch length is known (jaxvae.train).
+  problem = optim.schedule_problem(c.optimizer, 0 if c.num_steps else c.num_epochs)
   if problem:
     raise ConfigError(problem)
   if c.optimizer.grad_clip_norm < 0:

@@ -36,8 +36,9 @@ def schedule_stages(opt_cfg) -> tuple[tuple[int, ...], tuple[float, ...]]:
   return (), (opt_cfg.learning_rate,)
 
 
-def schedule_problem(opt_cfg, num_epochs: int) -> str | None:
-  """Why `opt_cfg`'s schedule cannot run `num_epochs` epochs (naming the keys), or None."""
+def schedule_problem(opt_cfg, num_epochs: int, length: str = "") -> str | None:
+  """Why `opt_cfg`'s schedule cannot run `num_epochs` epochs (naming the keys), or None.
+  `length` names the key that sets the run's length (default `config.num_epochs=...`)."""
   if opt_cfg.schedule == "piecewise":
     ends, rates = tuple(opt_cfg.stage_end_epochs), tuple(opt_cfg.stage_learning_rates)
     if not ends or len(ends) != len(rates):
@@ -51,9 +52,10 @@ def schedule_problem(opt_cfg, num_epochs: int) -> str | None:
       return f"config.optimizer.stage_learning_rates={rates} must be positive numbers"
   ends, _ = schedule_stages(opt_cfg)
   if ends and ends[-1] < num_epochs:
+    length = length or f"config.num_epochs={num_epochs}"
     return (f"config.optimizer.schedule={opt_cfg.schedule!r} ends at epoch {ends[-1]} (stage "
-            f"ends {ends}) but config.num_epochs={num_epochs}; lower num_epochs or, with "
-            "'piecewise', extend config.optimizer.stage_end_epochs")
+            f"ends {ends}) but {length}; shorten the run or, with 'piecewise', extend "
+            "config.optimizer.stage_end_epochs")
   return None
 
 

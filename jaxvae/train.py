@@ -371,6 +371,13 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -
   if steps_per_epoch == 0:
     raise config_lib.ConfigError(f"config.batch_size={config.batch_size} exceeds the "
                                  f"{num_train} training images; lower it")
+  if config.num_steps:
+    epochs = math.ceil(config.num_steps / steps_per_epoch)
+    problem = optim.schedule_problem(config.optimizer, epochs, (
+        f"config.num_steps={config.num_steps} runs into epoch {epochs} ({steps_per_epoch} "
+        "steps an epoch)"))
+    if problem:
+      raise config_lib.ConfigError(problem)
   chunks = min(config.log.chunks_per_epoch, steps_per_epoch)
   model = models.make_model(config.model, ds.image_shape,
                             data.pixel_mean(ds.train.images, config.data.binarize))

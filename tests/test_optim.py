@@ -150,3 +150,20 @@ def test_a_run_stopped_mid_stage_resumes_the_schedule_bitwise(tmp_path, monkeypa
   assert _bytes(resumed.state) == _bytes(reference.state)
   assert _rows(workdir) == _rows(str(tmp_path / "reference"))
   assert math.isfinite(_rows(workdir)[-1]["test/elbo_nats"])
+
+
+def test_a_run_in_steps_is_checked_against_the_schedule_in_epochs(tmp_path):
+  config = tiny_digits_config(num_epochs=2)  # num_epochs is ignored once num_steps is set
+  config.optimizer.schedule = "piecewise"
+  config.optimizer.stage_end_epochs, config.optimizer.stage_learning_rates = (1,), (1e-3,)
+  config.log.tensorboard = False
+  config.num_steps = 46  # exactly epoch 1 of 46 steps: inside the schedule
+  config_lib.validate(config)
+  assert int(train.train_and_evaluate(config, str(tmp_path / "fits")).state.step) == 46
+  config.num_steps = 47
+  config_lib.validate(config)  # the epoch length is not known before the data is
+  with pytest.raises(config_lib.ConfigError) as e:
+    train.train_and_evaluate(config, str(tmp_path / "too_long"))
+  assert ("ends at epoch 1 (stage ends (1,)) but config.num_steps=47 runs into epoch 2 (46 steps "
+          "an epoch)") in str(e.value)
+  assert os.listdir(tmp_path / "too_long") == []  # refused before writing anything
