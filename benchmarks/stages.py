@@ -36,25 +36,32 @@ def _timed(command: list[str]) -> float:
   return time.perf_counter() - start
 
 
-def main(argv):
-  train_args = argv[1:]  # everything after `--`: train.py's own flags
-  workdir, stages = flags.FLAGS.workdir, [int(s) for s in flags.FLAGS.stages]
+def run_stages(workdir: str, stages: list[int], train_args: list[str], iw_samples: int | None,
+               timed=_timed) -> None:
+  """Trains and evaluates each stage whose eval_epoch_E.json is missing; `timed(command)` runs
+  a command and returns its wall seconds."""
   if stages != sorted(set(stages)) or stages[0] < 1:
-    raise app.UsageError(f"--stages={flags.FLAGS.stages} must be increasing positive epoch counts")
+    raise app.UsageError(f"--stages={stages} must be increasing positive epoch counts")
   for epochs in stages:
     result = os.path.join(workdir, f"eval_epoch_{epochs}.json")
     if os.path.exists(result):
       continue
-    train_s = _timed([sys.executable, "train.py", *train_args, "--workdir", workdir,
-                      f"--config.num_epochs={epochs}"])
+    train_s = timed([sys.executable, "train.py", *train_args, "--workdir", workdir,
+                     f"--config.num_epochs={epochs}"])
     evaluate = [sys.executable, "-m", "jaxvae.evaluate", "--workdir", workdir]
-    if flags.FLAGS.iw_samples:
-      evaluate.append(f"--iw_samples={flags.FLAGS.iw_samples}")
-    eval_s = _timed(evaluate)
+    if iw_samples:
+      evaluate.append(f"--iw_samples={iw_samples}")
+    eval_s = timed(evaluate)
     shutil.copyfile(os.path.join(workdir, "eval.json"), result)
     with open(os.path.join(workdir, "stages.jsonl"), "a") as f:
       f.write(json.dumps({"epochs": epochs, "train_s": round(train_s, 1),
                           "eval_s": round(eval_s, 1)}) + "\n")
+
+
+def main(argv):
+  # Everything after `--` is train.py's own flags.
+  run_stages(flags.FLAGS.workdir, [int(s) for s in flags.FLAGS.stages], argv[1:],
+             flags.FLAGS.iw_samples)
 
 
 if __name__ == "__main__":

@@ -46,3 +46,36 @@ def test_compare_times_each_variant_with_its_own_config():
   assert [r["loop_mode"] for r in (base, other, conv)] == ["scan", "scan", "per_step"]
   assert all(r["ms_per_step"] > 0 and r["matmul_rate_gflop_per_s"] > 0 and r["compile_s"] > 0
              for r in (base, other, conv))
+
+
+def test_stages_trains_and_evaluates_each_stage_once_and_skips_finished_ones(tmp_path,
+                                                                             monkeypatch):
+  monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+  import stages
+  commands = []
+
+  def run(command):  # train.py and evaluate, as stages.py calls them, without the compute
+    commands.append(command[1:])
+    if command[1:3] == ["-m", "jaxvae.evaluate"]:
+      epochs = int(next(c for c in commands[-2] if c.startswith("--config.num_epochs="))
+                   .split("=")[1])
+      (tmp_path / "eval.json").write_text(json.dumps({"epoch": epochs}))
+    return 1.5
+
+  train_args = ["--config", "configs/digits.py"]
+  stages.run_stages(str(tmp_path), [1, 4], train_args, 50, timed=run)
+  assert commands == [
+      ["train.py", "--config", "configs/digits.py", "--workdir", str(tmp_path),
+       "--config.num_epochs=1"],
+      ["-m", "jaxvae.evaluate", "--workdir", str(tmp_path), "--iw_samples=50"],
+      ["train.py", "--config", "configs/digits.py", "--workdir", str(tmp_path),
+       "--config.num_epochs=4"],
+      ["-m", "jaxvae.evaluate", "--workdir", str(tmp_path), "--iw_samples=50"]]
+  assert [json.loads((tmp_path / f"eval_epoch_{e}.json").read_text())["epoch"] for e in (1, 4)] \
+      == [1, 4]
+  assert [json.loads(line) for line in (tmp_path / "stages.jsonl").read_text().splitlines()] == [
+      {"epochs": 1, "train_s": 1.5, "eval_s": 1.5}, {"epochs": 4, "train_s": 1.5, "eval_s": 1.5}]
+  (tmp_path / "eval_epoch_4.json").unlink()  # stopped during stage 4: a rerun does only it
+  commands.clear()
+  stages.run_stages(str(tmp_path), [1, 4], train_args, 50, timed=run)
+  assert [c[-1] for c in commands] == ["--config.num_epochs=4", "--iw_samples=50"]
