@@ -54,6 +54,7 @@ def _steps_config(num_steps):
 def test_a_run_measured_in_steps_evaluates_on_its_cadence_and_extends_exactly(tmp_path):
   whole = train_lib.train_and_evaluate(_steps_config(100), str(tmp_path / "whole"))
   assert [r["step"] for r in whole.history] == [30, 60, 90, 100]
+  assert not (tmp_path / "whole" / "figures").exists()  # log.figures=False draws nothing
   assert [r["epoch"] for r in whole.history] == [round(s / 46, 4) for s in (30, 60, 90, 100)]
   first = train_lib.train_and_evaluate(_steps_config(50), str(tmp_path / "split"))
   assert [r["step"] for r in first.history] == [30, 50] and int(first.state.step) == 50

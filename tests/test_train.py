@@ -24,6 +24,7 @@ def digits_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("digits")
   config = tiny_digits_config(num_epochs=4)
   config.log.chunks_per_epoch = 3  # 46 steps -> 3 chunks of 16, the last one padded
+  config.log.figures = True
   return workdir, train_lib.train_and_evaluate(config, str(workdir))
 
 
