@@ -138,21 +138,23 @@ def _downsampled_sizes(size: int, levels: int) -> list[int]:
 
 
 class ConvEncoder(nn.Module):
-  """Stride-2 convolutions down, then a dense layer to the two heads. Any H x W x C."""
+  """Stride-2 SAME convolutions down, then dense layers to the two heads. Any H x W x C.
+  x f32[B, H, W, C] -> (mean, raw log-scale) f32[B, K]."""
   channels: Sequence[int]
   hidden: Sequence[int]
   latent_dim: int
   activation: Callable = nn.gelu
   dtype: jnp.dtype = jnp.float32
   kernel_init: Callable = KERNEL_INITS["lecun_normal"]
+  kernel_sizes: Sequence[int] = ()  # each conv's kernel side; () is 4 for every one
 
   @nn.compact
   def __call__(self, x):
     dense = _layer(nn.Dense, self.dtype, self.kernel_init)
     conv = _layer(nn.Conv, self.dtype, self.kernel_init)
     h = x
-    for ch in self.channels:
-      h = self.activation(conv(ch, (4, 4), strides=(2, 2), padding="SAME")(h))
+    for ch, k in zip(self.channels, self.kernel_sizes or (4,) * len(self.channels)):
+      h = self.activation(conv(ch, (k, k), strides=(2, 2), padding="SAME")(h))
     h = h.reshape(h.shape[0], -1)
     for width in self.hidden:
       h = self.activation(dense(width)(h))
@@ -193,32 +195,12 @@ class ConvDecoder(nn.Module):
     return h
 
 
-# disentanglement_lib's conv_encoder (Locatello et al. 2019): (channels, kernel side) of each
-# stride-2 SAME convolution, then one dense layer; its deconv_decoder mirrors the channels with
-# 4x4 stride-2 transposed convolutions.
+# disentanglement_lib's conv_encoder (Locatello et al. 2019), a ConvEncoder: (channels, kernel
+# side) of each stride-2 SAME convolution (64x64 -> 4x4), then one dense layer; its
+# deconv_decoder mirrors the channels with 4x4 stride-2 transposed convolutions.
 LOCATELLO_CONVS = ((32, 4), (32, 4), (64, 2), (64, 2))
 LOCATELLO_DENSE = 256
 LOCATELLO_DECONV_KERNEL = 4
-
-
-class LocatelloEncoder(nn.Module):
-  """disentanglement_lib's conv_encoder: x f32[B, H, W, C] -> (mean, raw log-scale) f32[B, K].
-
-  Convs 32 4x4, 32 4x4, 64 2x2, 64 2x2, all stride 2 SAME (64x64 -> 4x4), then dense 256."""
-  latent_dim: int
-  activation: Callable = nn.relu
-  dtype: jnp.dtype = jnp.float32
-  kernel_init: Callable = KERNEL_INITS["lecun_normal"]
-
-  @nn.compact
-  def __call__(self, x):
-    conv = _layer(nn.Conv, self.dtype, self.kernel_init)
-    dense = _layer(nn.Dense, self.dtype, self.kernel_init)
-    h = x
-    for ch, k in LOCATELLO_CONVS:
-      h = self.activation(conv(ch, (k, k), strides=(2, 2), padding="SAME")(h))
-    h = self.activation(dense(LOCATELLO_DENSE)(h.reshape(h.shape[0], -1)))
-    return dense(self.latent_dim, name="mean")(h), dense(self.latent_dim, name="log_scale")(h)
 
 
 class LocatelloDecoder(nn.Module):
@@ -347,7 +329,9 @@ def make_model(model_cfg, image_shape: Sequence[int], pixel_mean: np.ndarray | N
                          kernel_init, bias_init)
   elif model_cfg.arch == "locatello":
     _check_locatello_shape(image_shape)
-    encoder = LocatelloEncoder(model_cfg.latent_dim, act, dtype, kernel_init)
+    encoder = ConvEncoder(tuple(ch for ch, _ in LOCATELLO_CONVS), (LOCATELLO_DENSE,),
+                          model_cfg.latent_dim, act, dtype, kernel_init,
+                          tuple(k for _, k in LOCATELLO_CONVS))
     decoder = LocatelloDecoder(tuple(image_shape), out_per_pixel, act, dtype, kernel_init)
   else:
     channels = tuple(model_cfg.conv_channels)
