@@ -42,8 +42,9 @@ From step ~2,000 on a run's MIG moves by about 0.01 between measurements and cre
 seed changes it twofold (as Locatello et al. 2019 found). Steps past 13k were not measured.
 
 Variants are overrides: --config.objective.beta=1 (a plain VAE) or =16. The capacity
-(Burgess et al. 2018) and beta-TCVAE objectives are `objective.kind=capacity|beta_tcvae`
-overrides of this config with their own keys. On a GPU, configs/sprites_locatello.py is the
+(Burgess et al. 2018) and beta-TCVAE objectives are `objective.kind=capacity|beta_tcvae
+objective.beta=1` overrides of this config with their own keys (this config's beta = 4 weights
+the `elbo` kind's KL only, and the other kinds refuse it rather than ignore it). On a GPU, configs/sprites_locatello.py is the
 disentanglement_lib setup.
 """
 
