@@ -18,6 +18,7 @@ the split scores the same binary images. `estimators` says which estimator each 
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -222,22 +223,7 @@ class _Batched:
     over the batches, or a `_BatchLoop` of one jitted program per batch. Call it with
     `self.images, self.index` so the split is an argument, not a baked-in constant.
     """
-    sharding = self.sharding
-
-    def one(i, x, idx, *args):
-      if sharding is not None:
-        x = jax.lax.with_sharding_constraint(x, sharding)
-      return fn(x, idx, i, *args)
-
-    if self.loop == "per_step":
-      return _BatchLoop(jax.jit(lambda images, index, i, *args: one(i, images[i], index[i],
-                                                                    *args)))
-
-    def run(images, index, *args):
-      return jax.lax.map(lambda inputs: one(*inputs, *args),
-                         (jnp.arange(images.shape[0]), images, index))
-
-    return jax.jit(run)
+    return _batch_map(fn, self.loop, self.sharding)
 
   def unpad(self, per_example):
     """[NB, B, ...] -> numpy [N, ...] in split order."""
@@ -367,19 +353,44 @@ def iwae_on_split(model: models.VAE, params, config, split: data.Split, mesh, ke
   return {k: float(np.mean(v, dtype=np.float64)) for k, v in per_example.items()}
 
 
+def _batch_map(fn, loop: str, sharding):
+  """`_Batched.map` of `fn` for a split whose batches take `sharding` (None: unsharded)."""
+
+  def one(i, x, idx, *args):
+    if sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, sharding)
+    return fn(x, idx, i, *args)
+
+  if loop == "per_step":
+    return _BatchLoop(jax.jit(lambda images, index, i, *args: one(i, images[i], index[i], *args)))
+
+  def run(images, index, *args):
+    return jax.lax.map(lambda inputs: one(*inputs, *args),
+                       (jnp.arange(images.shape[0]), images, index))
+
+  return jax.jit(run)
+
+
 def posterior_stats(model: models.VAE, params, images: np.ndarray, key: jax.Array, binarize: str,
                     batch_size: int, mesh, loop: str) -> tuple[np.ndarray, np.ndarray]:
   """Posterior means f32[N, K] and KL per latent dim f32[N, K] (nats) of uint8[N, H, W, C],
   binarized as `Evaluator` does with the same key; `loop` as `loops.resolve` gives it."""
   batched = _Batched(images, batch_size, mesh, loop)
-  bin_key = stream_keys(key).binarize
+  program = _posterior_program(model, binarize, batched.loop, batched.sharding)
+  return batched.unpad(program(batched.images, batched.index, params, stream_keys(key).binarize))
 
-  def one(x_uint8, index, batch_number, params):
+
+@functools.lru_cache(maxsize=16)
+def _posterior_program(model: models.VAE, binarize: str, loop: str, sharding):
+  """`posterior_stats`' compiled pass, one per model and split layout: the figures, drawn
+  after every few evaluations, and the factor metrics reuse it instead of compiling anew."""
+
+  def one(x_uint8, index, batch_number, params, bin_key):
     _, x = model_inputs(x_uint8, index, bin_key, binarize)
     mean, log_scale = model.apply(params, x, method=models.VAE.encode)
     return mean, distributions.kl_per_dim(mean, log_scale)
 
-  return batched.unpad(batched.map(one)(batched.images, batched.index, params))
+  return _batch_map(one, loop, sharding)
 
 
 def paper_protocol(model: models.VAE, params, image: np.ndarray, key: jax.Array,

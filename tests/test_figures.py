@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_digits_config
-from jaxvae import figures, sample
+from jaxvae import evaluate, figures, parallel, sample
 from jaxvae import run as run_lib
 from jaxvae import train as train_lib
 
@@ -128,3 +128,20 @@ def test_shown_images_visit_every_class_of_a_sorted_split():
   shown = figures._spread(labels, 6)
   np.testing.assert_array_equal(labels[shown], [0, 1, 2, 3, 0, 1])
   assert len(set(shown.tolist())) == 6
+
+
+def test_drawing_again_reuses_the_compiled_encoder_pass(run_dir):
+  """The figures' pass over the test split compiles once per run, not once per drawing."""
+  run = run_lib.restore_run(str(run_dir))
+  mesh, images = parallel.make_mesh(local=True), run.dataset.test.images
+  args = (run.model, run.state.params, images, run.keys.eval, run.config.data.binarize,
+          run.config.eval.batch_size, mesh, "scan")
+  batched = evaluate._Batched(images, run.config.eval.batch_size, mesh, "scan")
+  program = evaluate._posterior_program(run.model, run.config.data.binarize, "scan",
+                                        batched.sharding)
+  first = evaluate.posterior_stats(*args)
+  compiled = program._cache_size()
+  second = evaluate.posterior_stats(*args)
+  assert compiled >= 1 and program._cache_size() == compiled  # the second call compiled nothing
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a, b)
