@@ -3,6 +3,7 @@ the models' shapes."""
 
 import functools
 import math
+import re
 import signal
 
 import flax.linen as nn
@@ -488,6 +489,33 @@ def test_conv_model_reconstructs_any_image_shape(shape, likelihood):
   assert mean.shape == log_scale.shape == (3, 5)
   assert obs["mean"].shape == (3,) + shape
   assert jnp.broadcast_shapes(obs["log_scale"].shape, (3,) + shape) == (3,) + shape
+
+
+def test_nearest_upsample_is_half_pixel_nearest_resize_without_a_gather():
+  rng = np.random.default_rng(0)
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def upsample_and_vjp(x, g, size):
+    up, vjp = jax.vjp(lambda x: models.nearest_upsample(x, size, axis=1), x)
+    return up, vjp(g)[0]
+
+  for m in (1, 2, 3, 4, 7, 8):
+    for size in sorted({m, m + 1, 2 * m - 1, 2 * m} - {0}):
+      x, g = (rng.normal(size=s).astype(np.float32) for s in ((2, m, 3, 4), (2, size, 3, 4)))
+      src = (2 * np.arange(size) + 1) * m // (2 * size)  # floor((i + 1/2) m / size)
+      up, grad = upsample_and_vjp(x, g, size)
+      np.testing.assert_array_equal(up, x[:, src])
+      grad_ref = np.zeros_like(x)
+      np.add.at(grad_ref, (slice(None), src), g)  # at most two terms: exact in any order
+      np.testing.assert_array_equal(grad, grad_ref)
+      # resize's float32 formula may round an exact tie either way; elsewhere they agree.
+      if all((2 * i + 1) * m % (2 * size) for i in range(size)):
+        np.testing.assert_array_equal(up, jax.image.resize(x, g.shape, "nearest"))
+  hlo = jax.jit(jax.grad(lambda x: models.nearest_upsample(x, 7, axis=1).sum())).lower(
+      jnp.ones((2, 4, 3, 4))).compile().as_text()
+  assert not re.search(r" (gather|scatter)\(", hlo)
+  with pytest.raises(ValueError, match="from 4 to between 4 and 8, not 9"):
+    models.nearest_upsample(jnp.ones((2, 4, 3, 4)), 9, axis=1)
 
 
 def test_learned_observation_scales_are_parameters_of_the_right_shape():
