@@ -7,12 +7,10 @@ resize and 3x3 conv up to 16x16x32 and 32x32x6: a discretized logistic per pixel
 density score. 4,450,886 parameters.
 
 On CPU it trains with one compiled call per step (`loop_mode` auto, see jaxvae/loops.py).
-Pace on the project's 2-core CPU, measured while other jobs shared it (benchmarks/throughput.py
-on the real data): 266 ms per step, 208 s per epoch plus 19 s of evaluation (8.5%), with a
-2048^3 matmul at 82 GFLOP/s against about 190 on the idle machine. Scaled by that rate an
-epoch takes about 90 s there (the issue's idle 82 ms for the loss gradient alone says 70 s),
-so an hour is about 40 epochs. In 600 steps on the real data it reached 6.67 bits/dim on
-2,000 test images, ahead of the alternatives measured at the same step: a residual block at
+Pace on the project's idle 2-core CPU (benchmarks/throughput.py on the real data): 89-100 ms per
+step, 70-78 s per epoch plus 7 s of evaluation (batches of 100), so an hour is 40-45 epochs;
+this config's 30 take about 40 minutes. In 600 steps on the real data it reached 6.67 bits/dim
+on 2,000 test images, ahead of the alternatives measured at the same step: a residual block at
 each resolution (6.88, at 1.8x the time per step), k = 256 (6.80), channels (64, 128) (7.14
 at 400 steps against 6.81, 2.3x the time per step).
 
@@ -35,7 +33,7 @@ def get_config():
   config.model.likelihood = "discretized_logistic"
   config.optimizer.learning_rate = 1e-3
   config.batch_size = 64
-  config.num_epochs = 30             # about an hour on an idle 2-core CPU (120 s an epoch)
+  config.num_epochs = 30             # the hour of the README's run (then 120 s an epoch)
   config.eval.iw_samples = 100       # each IWAE draw decodes every test image once
   config.eval.batch_size = 100       # on the 2-core CPU 1.5x faster than batches of 1000
   return config
