@@ -75,6 +75,7 @@ def main(argv):
     raise ValueError("variants must share batch_size (it sets the images each chunk takes)")
   parallel.check_batch_divides(batch, mesh)
   steps = flags.FLAGS.steps
+  steps_per_epoch = 50_000 // batch  # the epoch of the s/50k column (and beta_tcvae's N)
   images = np.random.default_rng(0).integers(0, 256, (steps * batch,) + shape, np.uint8)
   batches = parallel.gather_batches(images, np.arange(steps * batch).reshape(steps, batch), mesh)
   valid, no_signal = np.ones(steps, bool), parallel.signal_array(0, mesh)
@@ -86,7 +87,8 @@ def main(argv):
     keys = state_lib.Keys.from_seed(config.seed)
     fresh = functools.partial(train.init_state, model, tx, keys.init, shape)
     loop = loops.resolve(config, mesh)
-    chunk = train.make_train_chunk(train.make_train_step(model, tx, config), mesh, loop)
+    step = train.make_train_step(model, tx, config, dataset_size=steps_per_epoch * batch)
+    chunk = train.make_train_chunk(step, mesh, loop)
     loss_fn = functools.partial(objectives.loss, model=model, beta=config.objective.beta,
                                 num_samples=config.objective.num_samples)
     products = step_matmuls(loss_fn, fresh().params, keys.train,
@@ -112,7 +114,6 @@ def main(argv):
         rates[shapes] = matmul_rate(run["products"], options)
       run["rates"].append(rates[shapes])
 
-  steps_per_epoch = 50_000 // batch
   first = float(np.median(runs[0]["seconds"]))
   rows = []
   for run in runs:

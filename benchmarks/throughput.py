@@ -113,7 +113,7 @@ def main(argv):
   tx = optim.make_optimizer(config.optimizer, steps_per_epoch)
   keys = state_lib.Keys(**parallel.replicate(state_lib.Keys.from_seed(config.seed).as_dict(), mesh))
   state = parallel.replicate(state_lib.init_state(model, tx, keys.init, ds.image_shape), mesh)
-  train_step = train.make_train_step(model, tx, config)
+  train_step = train.make_train_step(model, tx, config, num_train)
   loop = loops.resolve(config, mesh)
   train_chunk = train.make_train_chunk(train_step, mesh, loop)
 
