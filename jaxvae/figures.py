@@ -358,6 +358,7 @@ def plot_sweep(workdirs, out_dir: str) -> str:
     if scored:
       ax_mig.plot([r["beta"] for r in scored], [r["mig"] for r in scored], marker="o",
                   color=line.get_color(), label=kind)
+  ax_rd.margins(x=0.1, y=0.08)  # room for the labels of the outermost points
   ax_rd.set_xlabel("rate: KL(q(z|x) || p(z)) (nats per image, test)")
   ax_rd.set_ylabel("distortion: -E_q log p(x|z) (nats per image, test)")
   ax_rd.legend(title="objective")
