@@ -38,13 +38,13 @@ Departures of jaxvae itself: sigma = exp(log_scale) with log_scale soft-clamped 
 For the VAE rows with k > 1, `objective.num_samples=k` averages the ELBO over k draws; the IWAE
 rows need the IWAE objective with k samples.
 
-Speed (2 CPU cores): a step costs about 2 core-ms at k = 1 (matmuls at batch 20, Adam over
-425,284 parameters, the binarization draw), so a pass takes 3-6 s on an idle machine; 3,280
-passes take hours at k = 1 and days at k = 50. Hence `optimizer.skip_nonfinite="loss"` (the
+Speed (2 CPU cores, idle, benchmarks/throughput.py): 1.53 ms a step at k = 1 (batch-20
+matmuls, Adam over 425,284 parameters, the binarization draw), 4.6 s a pass, so 3,280 passes
+take 4.2 hours at k = 1 and 33 at k = 50 (IWAE, 36.8 s a pass). Hence `optimizer.skip_nonfinite="loss"` (the
 default "grads" check of every gradient cost 20-70% more per step; non-finite parameters still
 stop the run before any checkpoint holds them), evaluation and checkpoints every 10 passes
 (and at the end), and IWAE evaluation in calls of 20 images x 250 draws: K = 5000 over the
-10,000 test images is about 16 core-minutes.
+10,000 test images took 542-568 s on the idle machine.
 """
 
 from jaxvae.config import base_config
