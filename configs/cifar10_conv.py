@@ -2,7 +2,7 @@
 
 Encoder: 4x4 stride-2 convs 3 -> 32 -> 64 channels (32x32 -> 16x16 -> 8x8, GELU), dense
 4096 -> 512 -> k = 128 (mean and log-scale heads); decoder: 128 -> 512 -> 8x8x64, nearest
-resize and 3x3 conv up to 16x16x32 and 32x32x6: a discretized logistic per pixel and channel
+upsampling and 3x3 conv up to 16x16x32 and 32x32x6: a discretized logistic per pixel and channel
 (mean and log-scale) over the 256 levels, so the ELBO is a log-probability and bits/dim a
 density score. 4,450,886 parameters.
 
