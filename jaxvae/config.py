@@ -76,7 +76,10 @@ def _model_config() -> ml_collections.ConfigDict:
   k.hidden = (512,)                # dense widths; the decoder mirrors them
   k.decoder_hidden = ()            # the decoder's dense widths from z outward; (): mirror hidden
   k.conv_channels = (32, 64)        # conv arch: channels of the stride-2 layers
-  k.latent_dim = 256
+  k.latent_dim = 256               # the code z (with a middle layer, the top one, h2)
+  k.middle_dim = 0                 # mlp: > 0 adds a stochastic layer h1 of this size between
+                                   # x and z (Burda et al.'s two-layer model; 0: one layer)
+  k.middle_hidden = ()             # the dense widths between h1 and z, mirrored from z to h1
   k.activation = "gelu"
   k.likelihood = "gaussian"        # gaussian | bernoulli | discretized_logistic
   k.obs_scale = "fixed"            # gaussian: fixed | learned_global | learned_pixel
@@ -167,6 +170,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      ("optimizer.eps", c.optimizer.eps)):
     _positive(value, key, float)
   _validate_objective(c.objective, c.batch_size)
+  if c.model.middle_dim and (c.objective.kind == "beta_tcvae" or c.objective.free_bits):
+    raise ConfigError(
+        f"config.model.middle_dim={c.model.middle_dim}: a two-layer model has no Gaussian "
+        f"posterior per code dim, which objective.kind='beta_tcvae' and objective.free_bits "
+        f"(now {c.objective.free_bits}) read; use kind='elbo', 'capacity' or 'iwae', free_bits=0")
   for key in ("b1", "b2"):
     if not 0 <= c.optimizer[key] < 1:
       raise ConfigError(f"config.optimizer.{key}={c.optimizer[key]} must be in [0, 1) (Adam's "
@@ -204,12 +212,22 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
   if m.output_bias_init == "data_mean" and m.arch != "mlp":
     raise ConfigError("config.model.output_bias_init='data_mean' needs config.model.arch='mlp' "
                       "(the conv decoder's output bias is one per channel, not per pixel)")
-  for key in ("model.hidden", "model.decoder_hidden", "model.conv_channels"):
+  for key in ("model.hidden", "model.decoder_hidden", "model.conv_channels",
+              "model.middle_hidden"):
     widths = m[key.split(".")[1]]
     if not all(isinstance(w, int) and w > 0 for w in widths):
       raise ConfigError(f"config.{key}={widths!r} must be a tuple of positive ints, e.g. (512,)")
   if m.arch == "mlp" and not m.hidden:
     raise ConfigError("config.model.hidden=() leaves the MLP with no hidden layer; give e.g. (512,)")
+  if m.middle_dim < 0:
+    raise ConfigError(f"config.model.middle_dim={m.middle_dim} must be >= 0 (0: one stochastic "
+                      "layer)")
+  if m.middle_dim and m.arch != "mlp":
+    raise ConfigError(f"config.model.middle_dim={m.middle_dim} (a second stochastic layer) needs "
+                      f"config.model.arch='mlp', not {m.arch!r}")
+  if m.middle_hidden and not m.middle_dim:
+    raise ConfigError(f"config.model.middle_hidden={m.middle_hidden!r} sizes the layers around a "
+                      "middle latent, and config.model.middle_dim=0 has none; set middle_dim")
   if m.arch == "conv" and not m.conv_channels:
     raise ConfigError("config.model.conv_channels=() gives the conv arch no layer; give e.g. (32, 64)")
 

@@ -256,15 +256,11 @@ def _eval_batch(params, x_uint8, index, batch_number, bin_key, elbo_key, *, mode
   posterior-draw reconstruction, and SSIM with the paper's window; `in_loop`: whether a
   compiled loop runs it (see `ssim`)."""
   original, x = model_inputs(x_uint8, index, bin_key, binarize)
-  mean, log_scale = model.apply(params, x, method=models.VAE.encode)
-  z = distributions.sample_diag_gaussian(jax.random.fold_in(elbo_key, batch_number), mean,
-                                         log_scale)[0]
-  obs_sample = model.apply(params, z, method=models.VAE.decode)
-  obs_mean = model.apply(params, mean, method=models.VAE.decode)
-  log_lik = distributions.log_likelihood(model.likelihood, x, obs_sample)
-  kl = distributions.kl_standard_normal(mean, log_scale)
+  t = objectives.elbo_terms(params, jax.random.fold_in(elbo_key, batch_number), x, model=model)
+  log_lik, kl, obs_sample = t["log_lik"], t["kl"], t["obs"]
+  obs_mean = model.apply(params, t["mean"], method=models.VAE.decode_bottom)
   out = {"elbo_nats": log_lik - kl, "log_lik_nats": log_lik, "kl_nats": kl,
-         "kl_per_dim_nats": distributions.kl_per_dim(mean, log_scale)}
+         "kl_per_dim_nats": t["kl_per_dim"]}
   if full and model.likelihood == "gaussian":
     out["elbo_discrete_nats"] = discrete_log_likelihood(model.likelihood, x, obs_sample) - kl
   paper_window = full and min(x.shape[1:3]) >= PAPER_SSIM_WINDOW
@@ -281,12 +277,14 @@ class Evaluator:
 
   `evaluator(params, key)` -> dict of Python floats, means over the real test images:
     elbo_nats, log_lik_nats, kl_nats: the ELBO and its terms under the model's likelihood, one
-      posterior draw per image and the analytic KL;
+      posterior draw per image and the analytic KL (two stochastic layers: the KL estimate of
+      `objectives.elbo_terms` at that draw);
     recon_mean_{ssim,psnr_db,mse}, recon_sample_{psnr_db,mse}: images decoded from the
       posterior mean, and from that same posterior draw, against the original in [0, 1];
     bits_per_dim: the ELBO in bits per dimension, for discrete likelihoods;
     kl_per_dim_nats: a list of K floats, the analytic KL of each latent dim (they sum to
-      kl_nats), so metrics.jsonl follows which dims switch on during training.
+      kl_nats), so metrics.jsonl follows which dims switch on during training; with two
+      layers, those of the top code given the drawn h1.
   With `full=True` (the evaluate command) also recon_sample_ssim, elbo_discrete_nats for a
   Gaussian decoder (the same draw scored by the discretized Gaussian; its bits_per_dim comes
   from it) and recon_*_ssim_paper_window (`paper_ssim`), when images are at least 7x7.
@@ -372,22 +370,37 @@ def _batch_map(fn, loop: str, sharding):
 
 
 def posterior_stats(model: models.VAE, params, images: np.ndarray, key: jax.Array, binarize: str,
-                    batch_size: int, mesh, loop: str) -> tuple[np.ndarray, np.ndarray]:
+                    batch_size: int, mesh, loop: str, layer: str = "top"
+                    ) -> tuple[np.ndarray, np.ndarray]:
   """Posterior means f32[N, K] and KL per latent dim f32[N, K] (nats) of uint8[N, H, W, C],
-  binarized as `Evaluator` does with the same key; `loop` as `loops.resolve` gives it."""
+  binarized as `Evaluator` does with the same key; `loop` as `loops.resolve` gives it.
+
+  With two stochastic layers, `layer="top"` gives those of q(h2|h1) at one draw h1 ~ q(h1|x)
+  (as Burda et al. count the top layer's active units), and `layer="bottom"` the means of
+  q(h1|x), with no KL (its prior is not N(0, I)): NaN.
+  """
   batched = _Batched(images, batch_size, mesh, loop)
-  program = _posterior_program(model, binarize, batched.loop, batched.sharding)
-  return batched.unpad(program(batched.images, batched.index, params, stream_keys(key).binarize))
+  program = _posterior_program(model, binarize, batched.loop, batched.sharding, layer)
+  streams = stream_keys(key)
+  return batched.unpad(program(batched.images, batched.index, params, streams.binarize,
+                               streams.elbo))
 
 
 @functools.lru_cache(maxsize=16)
-def _posterior_program(model: models.VAE, binarize: str, loop: str, sharding):
-  """`posterior_stats`' compiled pass, one per model and split layout: the figures, drawn
-  after every few evaluations, and the factor metrics reuse it instead of compiling anew."""
+def _posterior_program(model: models.VAE, binarize: str, loop: str, sharding, layer: str):
+  """`posterior_stats`' compiled pass, one per model, split layout and layer: the figures,
+  drawn after every few evaluations, and the factor metrics reuse it instead of compiling
+  anew."""
 
-  def one(x_uint8, index, batch_number, params, bin_key):
+  def one(x_uint8, index, batch_number, params, bin_key, draw_key):
     _, x = model_inputs(x_uint8, index, bin_key, binarize)
-    mean, log_scale = model.apply(params, x, method=models.VAE.encode)
+    mean, log_scale = model.apply(params, x, method=models.VAE.encode_bottom)
+    if models.stochastic_layers(model) == 2:
+      if layer == "bottom":
+        return mean, jnp.full_like(mean, jnp.nan)
+      h1 = distributions.sample_diag_gaussian(jax.random.fold_in(draw_key, batch_number), mean,
+                                              log_scale)[0]
+      mean, log_scale = model.apply(params, h1, method=models.HierarchicalVAE.encode_upper)
     return mean, distributions.kl_per_dim(mean, log_scale)
 
   return _batch_map(one, loop, sharding)
@@ -400,12 +413,12 @@ def paper_protocol(model: models.VAE, params, image: np.ndarray, key: jax.Array,
   bin_key, z_key = jax.random.split(stream_keys(key).paper)
   original, x = model_inputs(jnp.asarray(image)[None], jnp.zeros((1,), jnp.int32), bin_key,
                              binarize)
-  mean, log_scale = model.apply(params, x, method=models.VAE.encode)
+  mean, log_scale = model.apply(params, x, method="encode")
   z = distributions.sample_diag_gaussian(z_key, mean, log_scale)[0]
   out = {}
   for name, latent in (("mean", mean), ("sample", z)):
     recon = distributions.likelihood_mean(model.likelihood,
-                                          model.apply(params, latent, method=models.VAE.decode))
+                                          model.apply(params, latent, method="decode"))
     out[f"paper_protocol_ssim_{name}"] = float(paper_ssim(original, recon)[0])
   return out
 
@@ -575,7 +588,11 @@ def estimators(likelihood: str, binarize: str, image_shape, iw_samples: int) -> 
       "*_mse": "mean squared error per pixel and channel, [0, 1] units",
       "active_units": f"dims j with Cov_x(E_q[z_j|x]) > {ACTIVE_UNIT_THRESHOLD} over the test "
                       "split",
-      "kl_per_dim_nats": "KL per latent dim, analytic, mean over the test split",
+      "active_units_per_layer": "two stochastic layers: the active units of h1 (means of "
+                                "q(h1|x)) and of the top code (means of q(h2|h1) at one draw "
+                                "of h1), as Burda et al. count them",
+      "kl_per_dim_nats": "KL per latent dim, analytic, mean over the test split (two layers: "
+                         "the top code's given the ELBO's draw of h1)",
       "pca": "PCA with k = latent_dim components fit on the training split (k capped at D)",
   }
   if likelihood == "gaussian":
@@ -636,9 +653,14 @@ def _vae_metrics(run, iw_samples: int, mesh, timed) -> tuple[dict, np.ndarray, n
   vae[f"iwae_elbo{sfx}_nats"] = iw["elbo"]
   vae["iwae_bits_per_dim"] = float(distributions.bits_per_dim(iw["iwae"],
                                                               int(np.prod(ds.image_shape))))
-  means, kl = timed("posterior", posterior_stats, model, params, ds.test.images, key,
-                    config.data.binarize, config.eval.batch_size, mesh, loops.resolve(config, mesh))
+  stats_args = (model, params, ds.test.images, key, config.data.binarize, config.eval.batch_size,
+                mesh, loops.resolve(config, mesh))
+  means, kl = timed("posterior", posterior_stats, *stats_args)
   vae["active_units"], variance = active_units(means)
+  if models.stochastic_layers(model) == 2:
+    # Burda et al. count each layer: "active units" is the top code's, as for one layer.
+    bottom, _ = posterior_stats(*stats_args, layer="bottom")
+    vae["active_units_per_layer"] = [active_units(bottom)[0], vae["active_units"]]
   if min(ds.image_shape[:2]) >= PAPER_SSIM_WINDOW:
     vae.update(paper_protocol(model, params, ds.train.images[0], key, config.data.binarize))
   return vae, kl, variance

@@ -470,7 +470,7 @@ def _encoding_figures(scene: _Scene) -> list[str]:
   # 17: test images of every class, decoded from their posterior mean and from a posterior draw.
   originals, x = evaluate.model_inputs(test.images[scene.shown], scene.shown, streams.binarize,
                                        scene.config.data.binarize)
-  mean, log_scale = scene.model.apply(scene.params, x, method=models.VAE.encode)
+  mean, log_scale = scene.model.apply(scene.params, x, method="encode")
   z = distributions.sample_diag_gaussian(streams.elbo, mean, log_scale)[0]
   paths = [plot_reconstructions(np.asarray(originals), decode(mean), decode(z), scene.out,
                                 title("test images and reconstructions"))]

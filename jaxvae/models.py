@@ -258,6 +258,12 @@ class LocatelloDecoder(nn.Module):
     return h
 
 
+def _gaussian(mean: jax.Array, raw: jax.Array, bound: float) -> tuple[jax.Array, jax.Array]:
+  """A Gaussian head's (mean, raw log-scale) -> (mean, log_scale soft-clamped into (-bound,
+  bound)). Whatever the layers compute in, the densities and the loss are float32."""
+  return mean.astype(jnp.float32), distributions.soft_clamp(raw.astype(jnp.float32), bound)
+
+
 class VAE(nn.Module):
   """Encoder, decoder and the likelihood head that turns decoder outputs into p(x|z).
 
@@ -285,10 +291,7 @@ class VAE(nn.Module):
 
   def encode(self, x):
     """x f32[B, H, W, C] -> (mean, log_scale) f32[B, K]."""
-    mean, raw = self.encoder(x)
-    # Whatever the layers compute in, the posterior, the likelihood and the loss are float32.
-    mean, raw = mean.astype(jnp.float32), raw.astype(jnp.float32)
-    return mean, distributions.soft_clamp(raw, self.log_scale_bound)
+    return _gaussian(*self.encoder(x), self.log_scale_bound)
 
   def decode(self, z):
     """z f32[B, K] -> dict of likelihood parameters, each f32[B, H, W, C] or broadcastable."""
@@ -306,10 +309,65 @@ class VAE(nn.Module):
     mean = nn.sigmoid(out) if self.decoder_mean == "sigmoid" else out
     return {"mean": mean, "log_scale": log_scale}
 
+  # The latent next to x and p(x|.) of it, by the names a `HierarchicalVAE` gives its bottom
+  # layer: with one layer, that latent is the code itself.
+  def encode_bottom(self, x):
+    """x f32[B, H, W, C] -> (mean, log_scale) f32[B, K] of q(z|x)."""
+    return VAE.encode(self, x)
+
+  def decode_bottom(self, z):
+    """z f32[N, K] -> likelihood parameters of p(x|z)."""
+    return VAE.decode(self, z)
+
   def __call__(self, x):
     """Decodes the posterior mean: x f32[B, H, W, C] -> likelihood parameters."""
     mean, _ = self.encode(x)
     return self.decode(mean)
+
+
+class HierarchicalVAE(VAE):
+  """Two stochastic layers (Burda et al. 2016, Table 1's second block), with p and q both
+  chains through the middle latent h1 f32[B, K1] to the top latent h2 f32[B, K2]:
+
+      q(h1, h2 | x) = q(h1|x) q(h2|h1)          p(x, h1, h2) = p(x|h1) p(h1|h2) N(h2; 0, I)
+
+  Every conditional over a latent is a diagonal Gaussian from an MLP with two heads (an
+  `MLPEncoder`); p(x|h1) is the `VAE`'s decoder and likelihood head.
+
+  The exact maps, layer by layer, for the objectives: `encode_bottom` q(h1|x) and
+  `decode_bottom` p(x|h1) (inherited), `encode_upper` q(h2|h1), `decode_upper` p(h1|h2).
+  `encode` and `decode` go between x and the top code h2 along the conditional means
+  (h1 = E[h1|x], or E[h1|h2]), so every figure, walk and sample that reads "the code" reads h2,
+  whose prior is N(0, I); that encoding is not q(h2|x), which integrates over h1.
+  """
+  upper_encoder: nn.Module = None  # h1 f32[N, K1] -> (mean, raw log-scale) of q(h2|h1), [N, K2]
+  upper_decoder: nn.Module = None  # h2 f32[N, K2] -> (mean, raw log-scale) of p(h1|h2), [N, K1]
+
+  def encode_upper(self, h1):
+    """h1 f32[N, K1] -> (mean, log_scale) f32[N, K2] of q(h2|h1)."""
+    return _gaussian(*self.upper_encoder(h1), self.log_scale_bound)
+
+  def decode_upper(self, h2):
+    """h2 f32[N, K2] -> (mean, log_scale) f32[N, K1] of p(h1|h2)."""
+    return _gaussian(*self.upper_decoder(h2), self.log_scale_bound)
+
+  def encode(self, x):
+    """x f32[B, H, W, C] -> (mean, log_scale) f32[B, K2] of q(h2 | h1 = E[h1|x])."""
+    return self.encode_upper(self.encode_bottom(x)[0])
+
+  def decode(self, z):
+    """h2 f32[N, K2] -> likelihood parameters of p(x | h1 = E[h1|h2])."""
+    return self.decode_bottom(self.decode_upper(z)[0])
+
+
+def stochastic_layers(model: VAE) -> int:
+  """1 for a `VAE`, 2 for a `HierarchicalVAE`."""
+  return 2 if isinstance(model, HierarchicalVAE) else 1
+
+
+def code_dim(model: VAE) -> int:
+  """The size of the code that `encode` returns and `decode` takes, the one with prior N(0, I)."""
+  return (model.upper_encoder if stochastic_layers(model) == 2 else model.encoder).latent_dim
 
 
 def output_bias(model_cfg, pixel_mean: np.ndarray) -> np.ndarray:
@@ -342,7 +400,9 @@ def make_model(model_cfg, image_shape: Sequence[int], pixel_mean: np.ndarray | N
   decoder_hidden = tuple(reversed(model_cfg.decoder_hidden)) or hidden
   out_per_pixel = 2 if model_cfg.likelihood == "discretized_logistic" else 1
   if model_cfg.arch == "mlp":
-    encoder = MLPEncoder(hidden, model_cfg.latent_dim, act, dtype, kernel_init)
+    # With a middle layer, this encoder's code is h1 (see HierarchicalVAE).
+    encoder = MLPEncoder(hidden, model_cfg.middle_dim or model_cfg.latent_dim, act, dtype,
+                         kernel_init)
     bias_init = nn.initializers.zeros_init()
     if model_cfg.output_bias_init == "data_mean":
       if pixel_mean is None:
@@ -363,8 +423,17 @@ def make_model(model_cfg, image_shape: Sequence[int], pixel_mean: np.ndarray | N
     encoder = ConvEncoder(channels, hidden, model_cfg.latent_dim, act, dtype, kernel_init)
     decoder = ConvDecoder(channels, decoder_hidden, tuple(image_shape), out_per_pixel, act,
                           dtype, kernel_init)
-  return VAE(encoder, decoder, tuple(image_shape), model_cfg.likelihood, model_cfg.obs_scale,
-             model_cfg.obs_sigma, model_cfg.log_scale_bound, model_cfg.decoder_mean)
+  head = (tuple(image_shape), model_cfg.likelihood, model_cfg.obs_scale, model_cfg.obs_sigma,
+          model_cfg.log_scale_bound, model_cfg.decoder_mean)
+  if model_cfg.middle_dim:
+    # x -> hidden -> h1 (middle_dim) -> middle_hidden -> h2 (latent_dim), mirrored back down.
+    middle = tuple(model_cfg.middle_hidden)
+    upper_encoder = MLPEncoder(middle, model_cfg.latent_dim, act, dtype, kernel_init)
+    upper_decoder = MLPEncoder(tuple(reversed(middle)), model_cfg.middle_dim, act, dtype,
+                               kernel_init)
+    return HierarchicalVAE(encoder, decoder, *head, upper_encoder=upper_encoder,
+                           upper_decoder=upper_decoder)
+  return VAE(encoder, decoder, *head)
 
 
 def _check_locatello_shape(image_shape: Sequence[int]) -> None:

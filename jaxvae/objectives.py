@@ -18,6 +18,10 @@ KL warm-up (elbo, capacity, beta_tcvae) scales the KL weights by min(step / warm
 free bits floor each latent dim's batch-mean KL at `free_bits` nats in the loss. Every
 schedule is a traced function of the optimizer step, so it is exact across a resume.
 Whatever the objective, the metrics report the plain ELBO (beta = 1, analytic KL).
+
+A two-layer model (`models.HierarchicalVAE`, latents h1 next to x and h2 on top) has no
+analytic KL: its KL is estimated from the draws (`elbo_terms`), and its log-weights draw h2
+given each h1 (`log_weights`). beta, warm-up and capacity weight that estimate.
 """
 
 import functools
@@ -27,10 +31,42 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxvae import distributions
+from jaxvae import distributions, models
 from jaxvae.models import VAE
 
 KINDS = ("elbo", "capacity", "beta_tcvae", "iwae")
+
+
+def _layer_keys(rng: jax.Array, model: VAE) -> tuple[jax.Array, jax.Array | None]:
+  """(key of the draws next to x, key of the upper layer's draws or None with one layer).
+  A one-layer model draws from `rng` itself, as it always has."""
+  if models.stochastic_layers(model) == 1:
+    return rng, None
+  bottom, upper = jax.random.split(rng)
+  return bottom, upper
+
+
+def upper_layer(params, rng: jax.Array, h1: jax.Array, *, model: VAE) -> dict[str, jax.Array]:
+  """A two-layer model's terms above the middle latent, from one draw h2 ~ q(h2|h1) per h1.
+
+  h1: f32[S, B, K1]. Returns f32[S, B] arrays, nats:
+    log_p_h1   log p(h1|h2)
+    log_ratio  log p(h2) - log q(h2|h1)
+    kl_top     KL(q(h2|h1) || N(0, I)), analytic
+  and `kl_top_per_dim` f32[S, B, K2]. log_p_h1 + log_ratio is the one-draw importance estimate
+  of log p(h1) (its exp is unbiased for p(h1)), the log-prior that the log-weights use.
+  """
+  flat = h1.reshape(-1, h1.shape[-1])
+  mean2, log_scale2 = model.apply(params, flat, method=models.HierarchicalVAE.encode_upper)
+  h2 = distributions.sample_diag_gaussian(rng, mean2, log_scale2)[0]
+  mean1, log_scale1 = model.apply(params, h2, method=models.HierarchicalVAE.decode_upper)
+  per_dim = distributions.kl_per_dim(mean2, log_scale2)
+  shape = h1.shape[:-1]
+  return {"log_p_h1": distributions.diag_gaussian_log_prob(flat, mean1, log_scale1).reshape(shape),
+          "log_ratio": (distributions.standard_normal_log_prob(h2)
+                        - distributions.diag_gaussian_log_prob(h2, mean2, log_scale2)).reshape(shape),
+          "kl_top": per_dim.sum(axis=-1).reshape(shape),
+          "kl_top_per_dim": per_dim.reshape(shape + per_dim.shape[-1:])}
 
 
 def elbo_terms(params, rng: jax.Array, x: jax.Array, *, model: VAE,
@@ -38,17 +74,32 @@ def elbo_terms(params, rng: jax.Array, x: jax.Array, *, model: VAE,
   """The two ELBO terms per example.
 
   x: f32[B, H, W, C] in [0, 1]. Returns f32[B] arrays `log_lik` (the Monte Carlo estimate of
-  E_q[log p(x|z)] from `num_samples` draws) and `kl` (analytic), the posterior `mean` and
-  `log_scale` f32[B, K], and the draws `z` f32[L, B, K].
+  E_q[log p(x|z)] from `num_samples` draws) and `kl`, the posterior `mean` and `log_scale`
+  f32[B, K] of the latent next to x, its draws `z` f32[L, B, K], the decoder output `obs` of
+  the draws (each f32[L * B, ...]) and `kl_per_dim` f32[B, K_top].
+
+  One stochastic layer: kl = KL(q(z|x) || N(0, I)), analytic, and kl_per_dim its terms. Two
+  (`HierarchicalVAE`): kl is the draws' mean of log q(h1|x) - log p(h1|h2) + KL(q(h2|h1) ||
+  N(0, I)), h2 ~ q(h2|h1) once per h1 draw, an unbiased estimate of KL(q(h1, h2|x) || p(h1, h2))
+  that is analytic in its top layer; kl_per_dim holds that top layer's terms.
   """
-  mean, log_scale = model.apply(params, x, method=VAE.encode)
+  rng, upper_rng = _layer_keys(rng, model)
+  mean, log_scale = model.apply(params, x, method=VAE.encode_bottom)
   z = distributions.sample_diag_gaussian(rng, mean, log_scale, num_samples)  # [L, B, K]
-  obs = model.apply(params, z.reshape(-1, z.shape[-1]), method=VAE.decode)
+  obs = model.apply(params, z.reshape(-1, z.shape[-1]), method=VAE.decode_bottom)
   x_rep = jnp.broadcast_to(x, (num_samples,) + x.shape).reshape((-1,) + x.shape[1:])
   log_lik = distributions.log_likelihood(model.likelihood, x_rep, obs)
   log_lik = log_lik.reshape(num_samples, x.shape[0]).mean(axis=0)
-  kl = distributions.kl_standard_normal(mean, log_scale)
-  return {"log_lik": log_lik, "kl": kl, "mean": mean, "log_scale": log_scale, "z": z}
+  if upper_rng is None:
+    kl = distributions.kl_standard_normal(mean, log_scale)
+    kl_per_dim = distributions.kl_per_dim(mean, log_scale)
+  else:
+    up = upper_layer(params, upper_rng, z, model=model)
+    log_q = distributions.diag_gaussian_log_prob(z, mean, log_scale)  # [L, B]
+    kl = (log_q - up["log_p_h1"] + up["kl_top"]).mean(axis=0)
+    kl_per_dim = up["kl_top_per_dim"].mean(axis=0)
+  return {"log_lik": log_lik, "kl": kl, "mean": mean, "log_scale": log_scale, "z": z,
+          "obs": obs, "kl_per_dim": kl_per_dim}
 
 
 def elbo(params, rng: jax.Array, x: jax.Array, *, model: VAE, num_samples: int = 1) -> jax.Array:
@@ -164,22 +215,29 @@ def tcvae_loss(params, rng: jax.Array, x: jax.Array, *, model: VAE, dataset_size
 
 
 def log_weights(params, x: jax.Array, z: jax.Array, mean: jax.Array, log_scale: jax.Array, *,
-                model: VAE, log_lik_fn: Callable[[jax.Array, dict], jax.Array] | None = None
-                ) -> tuple[jax.Array, jax.Array]:
+                model: VAE, log_lik_fn: Callable[[jax.Array, dict], jax.Array] | None = None,
+                upper_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Importance log-weights log w = log p(x|z) + log p(z) - log q(z|x) of draws z ~ q(z|x).
 
   x: f32[B, H, W, C]; z: f32[S, B, K]; mean, log_scale: f32[B, K], the posterior of x.
   `log_lik_fn(x, obs) -> f32[B]` scores the decoder output; the default is the model's own
-  likelihood. Returns (log_w, log_lik), f32[S, B] nats each.
+  likelihood. With two stochastic layers z is h1, and log p(h1) is `upper_layer`'s
+  log p(h1|h2) + log p(h2) - log q(h2|h1) from one h2 draw keyed by `upper_rng`, so log w is
+  the two-layer weight log p(x, h1, h2) - log q(h1, h2|x). Returns (log_w, log_lik), f32[S, B]
+  nats each.
   """
   if log_lik_fn is None:
     log_lik_fn = functools.partial(distributions.log_likelihood, model.likelihood)
   num_draws = z.shape[0]
-  obs = model.apply(params, z.reshape(-1, z.shape[-1]), method=VAE.decode)
+  obs = model.apply(params, z.reshape(-1, z.shape[-1]), method=VAE.decode_bottom)
   x_rep = jnp.broadcast_to(x, (num_draws,) + x.shape).reshape((-1,) + x.shape[1:])
   log_lik = log_lik_fn(x_rep, obs).reshape(num_draws, x.shape[0])
-  log_w = (log_lik + distributions.standard_normal_log_prob(z)
-           - distributions.diag_gaussian_log_prob(z, mean, log_scale))
+  if models.stochastic_layers(model) == 1:
+    log_prior = distributions.standard_normal_log_prob(z)
+  else:
+    up = upper_layer(params, upper_rng, z, model=model)
+    log_prior = up["log_p_h1"] + up["log_ratio"]
+  log_w = log_lik + log_prior - distributions.diag_gaussian_log_prob(z, mean, log_scale)
   return log_w, log_lik
 
 
@@ -190,14 +248,19 @@ def iwae_loss(params, rng: jax.Array, x: jax.Array, *, model: VAE, num_samples: 
       loss = -mean_b(logsumexp_k log w_k - log k)   (see `log_weights`)
 
   x: f32[B, H, W, C]. k = 1 is the single-sample ELBO with a Monte Carlo KL. Metrics:
-  `iwae_nats` (the bound) and the plain ELBO from the same k draws with the analytic KL.
+  `iwae_nats` (the bound) and the plain ELBO from the same k draws, with the analytic KL for
+  one stochastic layer and the Monte Carlo KL of the log-weights for two.
   """
-  mean, log_scale = model.apply(params, x, method=VAE.encode)
+  rng, upper_rng = _layer_keys(rng, model)
+  mean, log_scale = model.apply(params, x, method=VAE.encode_bottom)
   z = distributions.sample_diag_gaussian(rng, mean, log_scale, num_samples)  # [k, B, K]
-  log_w, log_lik = log_weights(params, x, z, mean, log_scale, model=model)
+  log_w, log_lik = log_weights(params, x, z, mean, log_scale, model=model, upper_rng=upper_rng)
   iwae = (jax.nn.logsumexp(log_w, axis=0) - math.log(num_samples)).mean()
   value = -iwae
-  kl = distributions.kl_standard_normal(mean, log_scale).mean()
+  if upper_rng is None:
+    kl = distributions.kl_standard_normal(mean, log_scale).mean()
+  else:
+    kl = (log_lik - log_w).mean()
   return value, dict(_elbo_metrics(value, log_lik.mean(), kl), iwae_nats=iwae)
 
 
@@ -230,6 +293,10 @@ def make_loss(cfg, model: VAE, dataset_size: int | None = None
   """
   kind, num_samples, free_bits, warmup_steps = (cfg.kind, cfg.num_samples, cfg.free_bits,
                                                  cfg.warmup_steps)
+  if models.stochastic_layers(model) > 1 and (kind == "beta_tcvae" or free_bits):
+    raise ValueError("beta_tcvae and free bits read one Gaussian posterior per latent dim, and a "
+                     "two-layer model has none over its top code; use kind='elbo', 'capacity' "
+                     "or 'iwae' without free bits")
 
   def weight(target: float, step: jax.Array) -> float | jax.Array:
     # Without warm-up the weight stays a Python number: the default loss is today's, bit for bit.
@@ -294,13 +361,14 @@ def iwae_bound(params, rng: jax.Array, x: jax.Array, *, model: VAE, num_samples:
   """
   chunk = min(chunk_size or num_samples, num_samples)
   num_chunks = -(-num_samples // chunk)
-  mean, log_scale = model.apply(params, x, method=VAE.encode)
+  mean, log_scale = model.apply(params, x, method=VAE.encode_bottom)
 
   def body(carry, i):
     lse, total = carry
-    z = distributions.sample_diag_gaussian(jax.random.fold_in(rng, i), mean, log_scale, chunk)
-    log_w, _ = log_weights(params, x, z, mean, log_scale, model=model,
-                           log_lik_fn=log_lik_fn)  # [chunk, B]
+    key, upper_rng = _layer_keys(jax.random.fold_in(rng, i), model)
+    z = distributions.sample_diag_gaussian(key, mean, log_scale, chunk)
+    log_w, _ = log_weights(params, x, z, mean, log_scale, model=model, log_lik_fn=log_lik_fn,
+                           upper_rng=upper_rng)  # [chunk, B]
     # The last chunk may overrun K; its extra draws count for nothing.
     real = (i * chunk + jnp.arange(chunk) < num_samples)[:, None]
     lse = jnp.logaddexp(lse, jax.nn.logsumexp(jnp.where(real, log_w, -jnp.inf), axis=0))

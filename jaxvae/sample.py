@@ -27,14 +27,14 @@ def decode_mean(model: models.VAE, params, z: jax.Array) -> jax.Array:
   """z f32[..., K] -> the mean of p(x|z), f32[..., H, W, C] in [0, 1]."""
   flat = z.reshape(-1, z.shape[-1])
   images = distributions.likelihood_mean(model.likelihood,
-                                         model.apply(params, flat, method=models.VAE.decode))
+                                         model.apply(params, flat, method="decode"))
   return images.reshape(z.shape[:-1] + images.shape[1:])
 
 
 @functools.partial(jax.jit, static_argnames="model")
 def reconstruct_mean(model: models.VAE, params, x: jax.Array) -> jax.Array:
   """x f32[B, H, W, C] -> the mean of p(x|z) at z = the posterior mean, f32[B, H, W, C]."""
-  mean, _ = model.apply(params, x, method=models.VAE.encode)
+  mean, _ = model.apply(params, x, method="encode")
   return decode_mean(model, params, mean)
 
 
@@ -43,8 +43,8 @@ def prior_samples(model: models.VAE, params, key: jax.Array, num: int,
   """Decoded draws z ~ N(0, temperature^2 I): f32[num, H, W, C]."""
   if num <= 0 or temperature < 0:
     raise ValueError(f"num={num} must be positive and temperature={temperature} non-negative")
-  latent_dim = model.encoder.latent_dim
-  return decode_mean(model, params, temperature * jax.random.normal(key, (num, latent_dim)))
+  shape = (num, models.code_dim(model))
+  return decode_mean(model, params, temperature * jax.random.normal(key, shape))
 
 
 def neighbourhood(model: models.VAE, params, key: jax.Array, z: jax.Array, num: int,
