@@ -338,7 +338,9 @@ class HierarchicalVAE(VAE):
   `decode_bottom` p(x|h1) (inherited), `encode_upper` q(h2|h1), `decode_upper` p(h1|h2).
   `encode` and `decode` go between x and the top code h2 along the conditional means
   (h1 = E[h1|x], or E[h1|h2]), so every figure, walk and sample that reads "the code" reads h2,
-  whose prior is N(0, I); that encoding is not q(h2|x), which integrates over h1.
+  whose prior is N(0, I); that encoding is not q(h2|x), which integrates over h1. (Callers
+  name them, `model.apply(..., method="encode")`: `method=VAE.encode` would call the base
+  class's.)
   """
   upper_encoder: nn.Module = None  # h1 f32[N, K1] -> (mean, raw log-scale) of q(h2|h1), [N, K2]
   upper_decoder: nn.Module = None  # h2 f32[N, K2] -> (mean, raw log-scale) of p(h1|h2), [N, K1]
