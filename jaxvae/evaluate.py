@@ -558,8 +558,10 @@ def factor_metrics_of_run(run, mesh) -> dict:
   return out
 
 
-def estimators(likelihood: str, binarize: str, image_shape, iw_samples: int) -> dict[str, str]:
-  """What each key of eval.json's "vae" and "pca" sections estimates, and how."""
+def estimators(likelihood: str, binarize: str, image_shape, iw_samples: int,
+               layers: int = 1) -> dict[str, str]:
+  """What each key of eval.json's "vae" and "pca" sections estimates, and how, for a model of
+  `layers` stochastic layers."""
   model_lik = {
       "gaussian": "Gaussian density on [0,1] pixels (continuous, not a probability of 8-bit data)",
       "bernoulli": f"Bernoulli on binarized pixels (binarize={binarize})",
@@ -597,6 +599,16 @@ def estimators(likelihood: str, binarize: str, image_shape, iw_samples: int) -> 
   }
   if likelihood == "gaussian":
     out["elbo_discrete_nats"] = f"ELBO with the same draw and KL; {discrete}"
+  if layers == 2:
+    out["elbo_nats"] = f"ELBO, one draw of h1 ~ q(h1|x) and h2 ~ q(h2|h1) per image; {model_lik}"
+    out["kl_nats"] = ("KL(q(h1, h2|x) || p(h1, h2)) estimated at that draw: log q(h1|x) - "
+                      "log p(h1|h2) + KL(q(h2|h1) || N(0, I)), the last analytic")
+    out[f"iwae_elbo{sfx}_nats"] = (f"mean of the same K={iw_samples} log-weights (ELBO, Monte "
+                                   "Carlo KL); each weight draws h1, then h2 given h1")
+    out["active_units"] = (f"code dims j with Cov_x(E_q[h2_j|h1]) > {ACTIVE_UNIT_THRESHOLD} "
+                           "over the test split, h1 drawn once per image")
+  else:
+    del out["active_units_per_layer"]
   return out
 
 
@@ -632,7 +644,8 @@ def evaluate_run(run, iw_samples: int | None = None, name: str = "") -> dict:
       "iw_samples": iw_samples, "vae": vae, "pca": pca,
       "kl_per_dim_nats": kl.mean(axis=0).tolist(),
       "posterior_mean_variance": variance.tolist(),
-      "estimators": estimators(model.likelihood, config.data.binarize, ds.image_shape, iw_samples),
+      "estimators": estimators(model.likelihood, config.data.binarize, ds.image_shape, iw_samples,
+                               models.stochastic_layers(model)),
       "seconds": seconds,
   }
   if ds.train.factors is not None:
@@ -680,11 +693,14 @@ def format_table(result: dict) -> str:
   vae, pca, k = result["vae"], result["pca"], result["iw_samples"]
   sfx = "_discrete" if result["likelihood"] == "gaussian" else ""
   lik = "discretized Gaussian" if sfx else result["likelihood"]
+  layers = vae.get("active_units_per_layer")  # two stochastic layers only
+  kl_how = "analytic" if layers is None else "same draw; analytic for the top layer only"
   rows = [  # label, VAE, VAE z~q, PCA ("" where it does not apply), estimator
       ("ELBO (nats/image)", vae["elbo_nats"], "", "",
-       f"1 draw/image, analytic KL, {result['likelihood']} likelihood"),
+       f"1 draw/image, {'analytic' if layers is None else 'estimated'} KL, "
+       f"{result['likelihood']} likelihood"),
       ("  E_q log p(x|z) (nats/image)", vae["log_lik_nats"], "", "", "same draw"),
-      ("  KL (nats/image)", vae["kl_nats"], "", "", "analytic"),
+      ("  KL (nats/image)", vae["kl_nats"], "", "", kl_how),
   ]
   if sfx:
     rows.append(("ELBO, discrete (nats/image)", vae["elbo_discrete_nats"], "", "",
@@ -710,6 +726,9 @@ def format_table(result: dict) -> str:
       ("active units", f"{vae['active_units']}/{result['latent_dim']}", "", "",
        f"Cov_x E_q[z] > {ACTIVE_UNIT_THRESHOLD}"),
   ]
+  if layers is not None:
+    rows.append(("active units per layer", " + ".join(map(str, layers)), "", "",
+                 "h1, then the code h2 (its means at one draw of h1)"))
   cells = [("metric", "VAE", "VAE z~q", f"PCA k={pca['k']}", "estimator")]
   cells += [(label, *map(_cell, values), note) for label, *values, note in rows]
   widths = [max(len(row[i]) for row in cells) for i in range(5)]

@@ -4,6 +4,7 @@ quadrature, and a whole run through training, evaluation and figures."""
 
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -201,3 +202,8 @@ def test_a_two_layer_run_trains_evaluates_and_draws(tmp_path):
   bottom, top = vae["active_units_per_layer"]
   assert 0 <= bottom <= 6 and top == vae["active_units"] <= 2
   assert len(result["kl_per_dim_nats"]) == 2
+  # The table and eval.json say how the two-layer figures are estimated.
+  assert "h2 ~ q(h2|h1)" in result["estimators"]["elbo_nats"]
+  table = evaluate.format_table(dict(result, run="two layers"))
+  assert "estimated KL" in table
+  assert re.search(rf"active units per layer +{bottom} \+ {top} ", table)
