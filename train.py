@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxvae import parallel
-from jaxvae import run as run_lib
+from jaxvae import restore
 from jaxvae.train import train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
@@ -51,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(run_lib.exit_on_user_error(main))
+  app.run(restore.exit_on_user_error(main))

@@ -25,7 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxvae import config as config_lib
-from jaxvae import data, loops, models, objectives, optim, parallel, train
+from jaxvae import data, experiment, loops, parallel, train
 from jaxvae import state as state_lib
 from rates import matmul_rate, step_matmuls
 
@@ -82,17 +82,15 @@ def main(argv):
 
   runs = []
   for label, config in variants:
-    model = models.make_model(config.model, shape, data.pixel_mean(images, config.data.binarize))
-    tx = optim.make_optimizer(config.optimizer, steps)
+    # steps_per_epoch * batch training images: the epoch of the s/50k column (and beta_tcvae's N)
+    exp = experiment.build(config, shape, steps_per_epoch * batch,
+                           data.pixel_mean(images, config.data.binarize))
     keys = state_lib.Keys.from_seed(config.seed)
-    fresh = functools.partial(train.init_state, model, tx, keys.init, shape)
-    loop = loops.resolve(config, mesh)
-    step = train.make_train_step(model, tx, config, dataset_size=steps_per_epoch * batch)
-    chunk = train.make_train_chunk(step, mesh, loop)
-    loss_fn = functools.partial(objectives.loss, model=model, beta=config.objective.beta,
-                                num_samples=config.objective.num_samples)
-    products = step_matmuls(loss_fn, fresh().params, keys.train,
-                                       jnp.zeros((batch,) + shape, jnp.float32))
+    fresh = functools.partial(exp.init_state, keys.init)
+    loop = loops.resolve(config, mesh, exp.model)
+    chunk = train.make_train_chunk(exp.train_step(), mesh, loop)
+    products = step_matmuls(exp.objective.gradients, fresh().params, keys.train,
+                            jnp.zeros((batch,) + shape, jnp.float32), jnp.zeros((), jnp.int32))
     t0 = time.perf_counter()
     chunk = chunk.lower(fresh(), batches, valid, keys.train, no_signal).compile()
     compile_s = time.perf_counter() - t0

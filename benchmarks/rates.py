@@ -24,9 +24,10 @@ def _dot_flops(eqn) -> tuple[int, tuple]:
   return 2 * math.prod(out.shape) * k, (eqn.primitive, eqn.params, lhs, rhs)
 
 
-def step_matmuls(loss_fn, params, key, x) -> list[tuple[int, tuple]]:
-  """Every matrix product (and convolution) of one forward + backward pass, from the jaxpr."""
-  jaxpr = jax.make_jaxpr(jax.value_and_grad(loss_fn, has_aux=True))(params, key, x)
+def step_matmuls(gradients_fn, *args) -> list[tuple[int, tuple]]:
+  """Every matrix product (and convolution) of `gradients_fn(*args)`, from its jaxpr: for an
+  objective's `gradients`, one forward + backward pass of every trained group."""
+  jaxpr = jax.make_jaxpr(gradients_fn)(*args)
   found = []
 
   def walk(jaxpr):

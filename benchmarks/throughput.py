@@ -30,7 +30,6 @@ import time
 
 _START = time.perf_counter()
 
-import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -43,7 +42,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from jaxvae import config as config_lib  # noqa: E402
-from jaxvae import data, evaluate, loops, models, objectives, optim, parallel, train  # noqa: E402
+from jaxvae import data, evaluate, experiment, loops, parallel, train  # noqa: E402
 from jaxvae import state as state_lib  # noqa: E402
 from rates import (large_matmul_rate, matmul_rate, optimizer_seconds,  # noqa: E402
                    step_matmuls)
@@ -108,13 +107,12 @@ def main(argv):
   steps_per_epoch = num_train // config.batch_size
   chunk_steps = math.ceil(steps_per_epoch / min(config.log.chunks_per_epoch, steps_per_epoch))
 
-  model = models.make_model(config.model, ds.image_shape,
-                            data.pixel_mean(ds.train.images, config.data.binarize))
-  tx = optim.make_optimizer(config.optimizer, steps_per_epoch)
+  exp = experiment.build_for(config, ds)
+  model = exp.model
   keys = state_lib.Keys(**parallel.replicate(state_lib.Keys.from_seed(config.seed).as_dict(), mesh))
-  state = parallel.replicate(state_lib.init_state(model, tx, keys.init, ds.image_shape), mesh)
-  train_step = train.make_train_step(model, tx, config, num_train)
-  loop = loops.resolve(config, mesh)
+  state = parallel.replicate(exp.init_state(keys.init), mesh)
+  train_step = exp.train_step()
+  loop = loops.resolve(config, mesh, model)
   train_chunk = train.make_train_chunk(train_step, mesh, loop)
 
   # Compile, then the very first step, as train.py's first call does.
@@ -149,24 +147,24 @@ def main(argv):
 
   evaluator = evaluate.Evaluator(model, config, ds.test, mesh)
   t0 = time.perf_counter()
-  evaluator(state.params, keys.eval)
+  evaluator(state.params[state_lib.VAE_GROUP], keys.eval)
   eval_first_s = time.perf_counter() - t0
   eval_times = []
   for _ in range(flags.FLAGS.eval_repeats):
     t0 = time.perf_counter()
-    evaluator(state.params, keys.eval)
+    evaluator(state.params[state_lib.VAE_GROUP], keys.eval)
     eval_times.append(time.perf_counter() - t0)
   eval_s = float(np.median(eval_times))
 
-  loss_fn = functools.partial(objectives.loss, model=model, beta=config.objective.beta,
-                              num_samples=config.objective.num_samples)
   x = jnp.zeros((config.batch_size,) + ds.image_shape, jnp.float32)
-  products = step_matmuls(loss_fn, jax.device_get(state.params), keys.train, x)
+  products = step_matmuls(exp.objective.gradients, jax.device_get(state.params), keys.train, x,
+                          jnp.zeros((), jnp.int32))
   step_flops = sum(f for f, _ in products)
   options = train.compiler_options(mesh)  # as the train chunk is compiled
   rate = matmul_rate(products, options)
   large_rate = large_matmul_rate(options)
-  opt_s = optimizer_seconds(tx, state.params, state.opt_state, options)
+  opt_s = sum(optimizer_seconds(tx, state.params[name], state.opt_state[name], options)
+              for name, tx in exp.optimizers.items())
   floor_s = step_flops / rate + opt_s
 
   result = {

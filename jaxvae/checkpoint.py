@@ -13,6 +13,7 @@ save cut short) is moved to WORKDIR/bad_checkpoints/ and reported, never deleted
 
 import os
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -135,6 +136,14 @@ def _storage_template(template, sharding):
   return jax.tree.map(leaf, template)
 
 
+def _fits(manager: ocp.CheckpointManager, step: int, storage_template) -> bool:
+  try:
+    check_fits(manager, step, storage_template)
+  except CheckpointError:
+    return False
+  return True
+
+
 def check_fits(manager: ocp.CheckpointManager, step: int, storage_template) -> None:
   """Raises CheckpointError naming every array whose name, shape or dtype differs."""
   saved = {m.name: (tuple(m.shape), m.dtype)
@@ -159,16 +168,33 @@ def check_fits(manager: ocp.CheckpointManager, step: int, storage_template) -> N
         "config in a new --workdir")
 
 
-def restore(manager: ocp.CheckpointManager, step: int, template, sharding=None):
+class Legacy(NamedTuple):
+  """An older layout of the same state: a checkpoint that fits `template` is restored into it
+  and passed through `convert`, with `note` said once."""
+  template: Any
+  convert: Callable
+  note: str
+
+
+def restore(manager: ocp.CheckpointManager, step: int, template, sharding=None,
+            legacy: Legacy | None = None):
   """Restores (tree, progress) at `step` into the structure, shapes and dtypes of `template`.
 
   template: a pytree like the saved one; its leaves may be ShapeDtypeStructs (from
   `jax.eval_shape`), except typed PRNG keys, which must be concrete arrays so their
   implementation is known. `sharding` places every array (default: the template's own).
-  Raises CheckpointError when the template does not fit the checkpoint.
+  A checkpoint that fits `legacy.template` instead is read that way and converted. Raises
+  CheckpointError when neither fits.
   """
   storage = _storage_template(template, sharding)
-  check_fits(manager, step, storage)
+  try:
+    check_fits(manager, step, storage)
+  except CheckpointError:
+    if legacy is None or not _fits(manager, step, _storage_template(legacy.template, sharding)):
+      raise
+    tree, progress = restore(manager, step, legacy.template, sharding)
+    print(f"checkpoint {manager.directory}/{step} {legacy.note}", flush=True)
+    return legacy.convert(tree), progress
   items = {"arrays": ocp.args.StandardRestore(storage), "progress": ocp.args.JsonRestore()}
   out = manager.restore(step, args=ocp.args.Composite(**items))
   tree = jax.tree.map(
@@ -192,7 +218,8 @@ def _move_aside(manager: ocp.CheckpointManager, name: str, why: str) -> None:
   print(f"checkpoint {src} {why}; moved it to {dst}", flush=True)
 
 
-def restore_latest(manager: ocp.CheckpointManager, template, sharding=None):
+def restore_latest(manager: ocp.CheckpointManager, template, sharding=None,
+                   legacy: Legacy | None = None):
   """Restores the newest checkpoint that reads back whole: (step, tree, progress), or None.
 
   Saves that never finished and newer checkpoints that fail to read are moved aside with a
@@ -208,7 +235,7 @@ def restore_latest(manager: ocp.CheckpointManager, template, sharding=None):
   unreadable = []
   for step in reversed(manager.all_steps()):
     try:
-      tree, progress = restore(manager, step, template, sharding)
+      tree, progress = restore(manager, step, template, sharding, legacy)
     except CheckpointError:
       raise
     except Exception as e:  # orbax and tensorstore raise many types for damaged files

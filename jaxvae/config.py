@@ -10,13 +10,10 @@ import json
 import ml_collections
 
 from jaxvae import data, distributions, loops, models, objectives, optim, sprites
+from jaxvae.errors import ConfigError, check_positive
 
 
 SKIP_NONFINITE = ("grads", "loss", "off")
-
-
-class ConfigError(ValueError):
-  """A config value that cannot run; the message names the key and the allowed values."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -41,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
                                    # grid (test: min(10,000, n) images); 0: the whole grid
 
   c.model = _model_config()
-  c.objective = _objective_config()
+  c.objective = objectives.default_config()
   c.optimizer = _optimizer_config()
 
   c.eval = ml_collections.ConfigDict()
@@ -93,28 +90,6 @@ def _model_config() -> ml_collections.ConfigDict:
   return k
 
 
-def _objective_config() -> ml_collections.ConfigDict:
-  """The `config.objective` keys and their defaults."""
-  k = ml_collections.ConfigDict()
-  k.kind = "elbo"                  # elbo | capacity | beta_tcvae | iwae (jaxvae/objectives.py)
-  k.beta = 1.0                     # elbo: KL weight in the loss; reported ELBOs always use 1
-  k.num_samples = 1                # L, Monte Carlo draws of z per example; iwae: its k (>= 2)
-  k.warmup_steps = 0               # KL warm-up: the KL weights rise from 0 over these optimizer
-                                   # steps (0: off); a function of the step, so a resumed run
-                                   # past it trains at full weight
-  k.free_bits = 0.0                # nats: each latent dim's batch-mean KL is floored here in the
-                                   # loss (0: off); beta_tcvae floors its dimension-wise KL
-  k.capacity_start = 0.0            # capacity: C rises linearly from start to max nats over
-  k.capacity_max = 25.0             #   capacity_steps optimizer steps, then stays at max
-  k.capacity_steps = 100_000
-  k.capacity_gamma = 1000.0            # capacity: weight of |KL - C| for a log-likelihood summed
-                                       # over pixels (averaged over D pixels: divide it by D)
-  k.tc_alpha = 1.0                 # beta_tcvae: weights of the index-code MI, the total
-  k.tc_beta = 6.0                  #   correlation and the dimension-wise KL
-  k.tc_gamma = 1.0
-  return k
-
-
 def _optimizer_config() -> ml_collections.ConfigDict:
   """The `config.optimizer` keys and their defaults."""
   k = ml_collections.ConfigDict()
@@ -139,11 +114,6 @@ def _choice(value, allowed, key):
     raise ConfigError(f"config.{key}={value!r} is not allowed; choose one of {tuple(allowed)}")
 
 
-def _positive(value, key, number=int):
-  if not isinstance(value, number) or isinstance(value, bool) or value <= 0:
-    raise ConfigError(f"config.{key}={value!r} must be a positive {number.__name__}")
-
-
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first key whose value cannot run."""
   for key in ("num_epochs", "batch_size", "model.latent_dim", "objective.num_samples",
@@ -153,7 +123,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     value = c
     for part in key.split("."):
       value = value[part]
-    _positive(value, key)
+    check_positive(value, key)
   for key, value in (("figures_every", c.figures_every), ("num_steps", c.num_steps),
                      ("eval.every_steps", c.eval.every_steps)):
     if value < 0:
@@ -168,13 +138,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      ("model.log_scale_bound", c.model.log_scale_bound),
                      ("optimizer.learning_rate", c.optimizer.learning_rate),
                      ("optimizer.eps", c.optimizer.eps)):
-    _positive(value, key, float)
-  _validate_objective(c.objective, c.batch_size)
-  if c.model.middle_dim and (c.objective.kind == "beta_tcvae" or c.objective.free_bits):
-    raise ConfigError(
-        f"config.model.middle_dim={c.model.middle_dim}: a two-layer model has no Gaussian "
-        f"posterior per code dim, which objective.kind='beta_tcvae' and objective.free_bits "
-        f"(now {c.objective.free_bits}) read; use kind='elbo', 'capacity' or 'iwae', free_bits=0")
+    check_positive(value, key, float)
+  objectives.check(c)
   for key in ("b1", "b2"):
     if not 0 <= c.optimizer[key] < 1:
       raise ConfigError(f"config.optimizer.{key}={c.optimizer[key]} must be in [0, 1) (Adam's "
@@ -230,33 +195,6 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
                       "middle latent, and config.model.middle_dim=0 has none; set middle_dim")
   if m.arch == "conv" and not m.conv_channels:
     raise ConfigError("config.model.conv_channels=() gives the conv arch no layer; give e.g. (32, 64)")
-
-
-def _validate_objective(o: ml_collections.ConfigDict, batch_size: int) -> None:
-  _choice(o.kind, objectives.KINDS, "objective.kind")
-  for key in ("beta", "warmup_steps", "free_bits", "capacity_start", "tc_alpha", "tc_beta",
-              "tc_gamma"):
-    if o[key] < 0:
-      raise ConfigError(f"config.objective.{key}={o[key]} must be >= 0")
-  _positive(o.capacity_steps, "objective.capacity_steps")
-  _positive(o.capacity_gamma, "objective.capacity_gamma", float)
-  if o.capacity_max < o.capacity_start:
-    raise ConfigError(f"config.objective.capacity_max={o.capacity_max} is below "
-                      f"objective.capacity_start={o.capacity_start}")
-  if o.kind != "elbo" and o.beta != 1.0:
-    raise ConfigError(f"config.objective.beta={o.beta} weights the KL of kind='elbo' only; "
-                      f"kind={o.kind!r} has its own weights (capacity_gamma, tc_*)")
-  if o.kind == "iwae":
-    if o.num_samples < 2:
-      raise ConfigError(f"config.objective.num_samples={o.num_samples} with kind='iwae' is the "
-                        "single-sample ELBO (with a Monte Carlo KL); use kind='elbo' or >= 2")
-    for key in ("warmup_steps", "free_bits"):
-      if o[key]:
-        raise ConfigError(f"config.objective.{key}={o[key]} needs a KL term, and kind='iwae' "
-                          "has none apart from its log-weights; set it to 0")
-  if o.kind == "beta_tcvae" and batch_size < 2:
-    raise ConfigError(f"config.batch_size={batch_size}: kind='beta_tcvae' estimates q(z) "
-                      "from the other examples of the batch; use >= 2")
 
 
 # Keys a resumed run may change: they steer how long it runs, what it logs and evaluates, and

@@ -32,8 +32,9 @@ import numpy as np
 import scipy.linalg
 from absl import app, flags
 
-from jaxvae import data, disentanglement, distributions, loops, models, objectives, parallel
-from jaxvae import run as run_lib
+from jaxvae import data, disentanglement, distributions, loops, models, parallel, restore
+from jaxvae.elbo import elbo_terms
+from jaxvae.objectives.iwae import iwae_bound
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active when Cov_x E_q[z_j] > 0.01
 PAPER_SSIM_WINDOW = 7         # scikit-image's default win_size before 0.19
@@ -256,9 +257,9 @@ def _eval_batch(params, x_uint8, index, batch_number, bin_key, elbo_key, *, mode
   posterior-draw reconstruction, and SSIM with the paper's window; `in_loop`: whether a
   compiled loop runs it (see `ssim`)."""
   original, x = model_inputs(x_uint8, index, bin_key, binarize)
-  t = objectives.elbo_terms(params, jax.random.fold_in(elbo_key, batch_number), x, model=model)
+  t = elbo_terms(params, jax.random.fold_in(elbo_key, batch_number), x, model=model)
   log_lik, kl, obs_sample = t["log_lik"], t["kl"], t["obs"]
-  obs_mean = model.apply(params, t["mean"], method=models.VAE.decode_bottom)
+  obs_mean = model.apply(params, t["mean"], method="decode_bottom")
   out = {"elbo_nats": log_lik - kl, "log_lik_nats": log_lik, "kl_nats": kl,
          "kl_per_dim_nats": t["kl_per_dim"]}
   if full and model.likelihood == "gaussian":
@@ -278,7 +279,7 @@ class Evaluator:
   `evaluator(params, key)` -> dict of Python floats, means over the real test images:
     elbo_nats, log_lik_nats, kl_nats: the ELBO and its terms under the model's likelihood, one
       posterior draw per image and the analytic KL (two stochastic layers: the KL estimate of
-      `objectives.elbo_terms` at that draw);
+      `jaxvae.elbo.elbo_terms` at that draw);
     recon_mean_{ssim,psnr_db,mse}, recon_sample_{psnr_db,mse}: images decoded from the
       posterior mean, and from that same posterior draw, against the original in [0, 1];
     bits_per_dim: the ELBO in bits per dimension, for discrete likelihoods;
@@ -291,7 +292,7 @@ class Evaluator:
   """
 
   def __init__(self, model: models.VAE, config, test: data.Split, mesh, full: bool = False):
-    self.split = _Batched(test.images, config.eval.batch_size, mesh, loops.resolve(config, mesh))
+    self.split = _Batched(test.images, config.eval.batch_size, mesh, loops.resolve(config, mesh, model))
     self.num_dims = int(np.prod(test.images.shape[1:]))
     self.likelihood = model.likelihood
     fn = self.split.map(lambda x, idx, i, params, bin_key, elbo_key: _eval_batch(
@@ -336,12 +337,12 @@ def iwae_on_split(model: models.VAE, params, config, split: data.Split, mesh, ke
 
   `config.eval.iw_batch_size` images x `config.eval.iw_chunk` draws are decoded at a time.
   """
-  batched = _Batched(split.images, config.eval.iw_batch_size, mesh, loops.resolve(config, mesh))
+  batched = _Batched(split.images, config.eval.iw_batch_size, mesh, loops.resolve(config, mesh, model))
   streams = stream_keys(key)
 
   def one(x_uint8, index, batch_number, params):
     _, x = model_inputs(x_uint8, index, streams.binarize, config.data.binarize)
-    return objectives.iwae_bound(
+    return iwae_bound(
         params, jax.random.fold_in(streams.iwae, batch_number), x, model=model,
         num_samples=num_samples, chunk_size=config.eval.iw_chunk,
         log_lik_fn=lambda x, obs: discrete_log_likelihood(model.likelihood, x, obs),
@@ -394,13 +395,11 @@ def _posterior_program(model: models.VAE, binarize: str, loop: str, sharding, la
 
   def one(x_uint8, index, batch_number, params, bin_key, draw_key):
     _, x = model_inputs(x_uint8, index, bin_key, binarize)
-    mean, log_scale = model.apply(params, x, method=models.VAE.encode_bottom)
-    if models.stochastic_layers(model) == 2:
-      if layer == "bottom":
-        return mean, jnp.full_like(mean, jnp.nan)
-      h1 = distributions.sample_diag_gaussian(jax.random.fold_in(draw_key, batch_number), mean,
-                                              log_scale)[0]
-      mean, log_scale = model.apply(params, h1, method=models.HierarchicalVAE.encode_upper)
+    layers = model.apply(params, x, jax.random.fold_in(draw_key, batch_number),
+                         method="posteriors")
+    mean, log_scale = layers[-1 if layer == "top" else 0]
+    if layer == "bottom" and len(layers) > 1:
+      return mean, jnp.full_like(mean, jnp.nan)  # h1's prior is not N(0, I)
     return mean, distributions.kl_per_dim(mean, log_scale)
 
   return _batch_map(one, loop, sharding)
@@ -524,7 +523,7 @@ def factor_codes(model: models.VAE, params, config, split: data.Split, key: jax.
   n = sum(factor_sample_sizes(len(split.images)))
   rows = np.sort(np.random.default_rng(FACTOR_SEED).choice(len(split.images), n, replace=False))
   means, _ = posterior_stats(model, params, split.images[rows], key, config.data.binarize,
-                             config.eval.batch_size, mesh, loops.resolve(config, mesh))
+                             config.eval.batch_size, mesh, loops.resolve(config, mesh, model))
   return means, split.factors[rows]
 
 
@@ -546,7 +545,7 @@ def factor_metrics_of_run(run, mesh) -> dict:
   if ds.train.factors is None:
     raise ValueError(f"{ds.name} has no factor labels; factor metrics need a factor-labelled "
                      "source such as data.source=sprites")
-  codes, factors = factor_codes(run.model, run.state.params, run.config, ds.train, run.keys.eval,
+  codes, factors = factor_codes(run.model, run.params, run.config, ds.train, run.keys.eval,
                                 mesh)
   num_points, num_test = factor_sample_sizes(len(ds.train.images))
   out = disentanglement.factor_metrics(codes, factors, ds.factor_names, seed=FACTOR_SEED,
@@ -613,7 +612,7 @@ def estimators(likelihood: str, binarize: str, image_shape, iw_samples: int,
 
 
 def evaluate_run(run, iw_samples: int | None = None, name: str = "") -> dict:
-  """Every metric of a restored run (`jaxvae.train.restore_run`), called `name`, on its test split.
+  """Every metric of a restored run (`jaxvae.restore.restore_run`), called `name`, on its test split.
 
   Returns the eval.json dict: the run's identity, "vae" and "pca" metrics, KL per dim, the
   posterior-mean variance per dim, "estimators", seconds per stage and, when the data has
@@ -622,7 +621,7 @@ def evaluate_run(run, iw_samples: int | None = None, name: str = "") -> dict:
   config, ds, model = run.config, run.dataset, run.model
   iw_samples = config.eval.iw_samples if iw_samples is None else iw_samples
   if iw_samples <= 0:
-    raise run_lib.RunError(f"--iw_samples={iw_samples} must be a positive number of importance "
+    raise restore.RunError(f"--iw_samples={iw_samples} must be a positive number of importance "
                            "samples, e.g. 1000")
   mesh = parallel.make_mesh()
   seconds = {}
@@ -645,7 +644,7 @@ def evaluate_run(run, iw_samples: int | None = None, name: str = "") -> dict:
       "kl_per_dim_nats": kl.mean(axis=0).tolist(),
       "posterior_mean_variance": variance.tolist(),
       "estimators": estimators(model.likelihood, config.data.binarize, ds.image_shape, iw_samples,
-                               models.stochastic_layers(model)),
+                               model.stochastic_layers),
       "seconds": seconds,
   }
   if ds.train.factors is not None:
@@ -656,7 +655,7 @@ def evaluate_run(run, iw_samples: int | None = None, name: str = "") -> dict:
 def _vae_metrics(run, iw_samples: int, mesh, timed) -> tuple[dict, np.ndarray, np.ndarray]:
   """evaluate_run's "vae" section, the KL per dim f32[N, K] and the posterior-mean variance
   f32[K]; `timed(stage, fn, *args)` calls fn and records its seconds."""
-  config, ds, model, params = run.config, run.dataset, run.model, run.state.params
+  config, ds, model, params = run.config, run.dataset, run.model, run.params
   key = run.keys.eval
   sfx = "_discrete" if model.likelihood == "gaussian" else ""
   vae = timed("elbo_and_recon", Evaluator(model, config, ds.test, mesh, full=True), params, key)
@@ -667,10 +666,10 @@ def _vae_metrics(run, iw_samples: int, mesh, timed) -> tuple[dict, np.ndarray, n
   vae["iwae_bits_per_dim"] = float(distributions.bits_per_dim(iw["iwae"],
                                                               int(np.prod(ds.image_shape))))
   stats_args = (model, params, ds.test.images, key, config.data.binarize, config.eval.batch_size,
-                mesh, loops.resolve(config, mesh))
+                mesh, loops.resolve(config, mesh, model))
   means, kl = timed("posterior", posterior_stats, *stats_args)
   vae["active_units"], variance = active_units(means)
-  if models.stochastic_layers(model) == 2:
+  if model.stochastic_layers == 2:
     # Burda et al. count each layer: "active units" is the top code's, as for one layer.
     bottom, _ = posterior_stats(*stats_args, layer="bottom")
     vae["active_units_per_layer"] = [active_units(bottom)[0], vae["active_units"]]
@@ -761,7 +760,7 @@ def report(result: dict) -> str:
 
 def main(argv):
   workdir = flags.FLAGS.workdir
-  run = run_lib.restore_run_for_command(argv, workdir)
+  run = restore.restore_for_command(argv, workdir)
   result = evaluate_run(run, flags.FLAGS.iw_samples, os.path.basename(os.path.abspath(workdir)))
   print(report(result))
   path = os.path.join(workdir, "eval.json")
@@ -775,4 +774,4 @@ if __name__ == "__main__":  # flags defined only here: train.py, which imports t
   flags.DEFINE_integer("iw_samples", None, "K, importance samples per image for the IWAE bound "
                        "(default config.eval.iw_samples).")
   flags.mark_flags_as_required(["workdir"])
-  app.run(run_lib.exit_on_user_error(main))
+  app.run(restore.exit_on_user_error(main))

@@ -29,7 +29,7 @@ from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from jaxvae import data, distributions, evaluate, loops, models, parallel, sample  # noqa: E402
-from jaxvae import run as run_lib  # noqa: E402
+from jaxvae import restore  # noqa: E402
 
 DPI = 100
 FIGSIZES = {  # inches (width, height)
@@ -449,7 +449,7 @@ def draw_training_figures(workdir, model, params, ds: data.Dataset, config, key)
   out = os.path.join(workdir, "figures")
   mesh = parallel.make_mesh(local=True)
   means, kl = evaluate.posterior_stats(model, params, ds.test.images, key, config.data.binarize,
-                                       config.eval.batch_size, mesh, loops.resolve(config, mesh))
+                                       config.eval.batch_size, mesh, loops.resolve(config, mesh, model))
   scene = _Scene(model, params, ds, config, key, out, run, rows[-1]["epoch"], means,
                  kl.mean(axis=0), evaluate.active_units(means)[1],
                  _spread(ds.test.labels, NUM_RECONSTRUCTIONS))
@@ -582,8 +582,8 @@ def main(argv):
     return
   if out:
     raise app.UsageError(f"--out goes with --sweep; --workdir draws into {workdir}/figures")
-  run = run_lib.restore_run_for_command(argv, workdir)
-  for path in draw_training_figures(workdir, run.model, run.state.params, run.dataset, run.config,
+  run = restore.restore_for_command(argv, workdir)
+  for path in draw_training_figures(workdir, run.model, run.params, run.dataset, run.config,
                                     run.keys.eval):
     print(f"wrote {path}")
 
@@ -595,4 +595,4 @@ if __name__ == "__main__":  # flags defined only here: train.py, which imports t
                     "(config.json, and eval.json or metrics.jsonl, each).")
   flags.DEFINE_string("out", None, "With --sweep: the folder for sweep.png.")
   flags.mark_flags_as_mutual_exclusive(["workdir", "sweep"], required=True)
-  app.run(run_lib.exit_on_user_error(main))
+  app.run(restore.exit_on_user_error(main))

@@ -19,12 +19,12 @@ compile (21.5 s for 6 unrolled steps against 5.7 s for one).
 """
 
 LOOP_MODES = ("auto", "scan", "per_step")
-CONV_ARCHS = ("conv", "locatello")  # the `model.arch`s with convolutions
 
 
-def resolve(config, mesh) -> str:
-  """`config.loop_mode` for a run on `mesh`'s platform: "scan" or "per_step"."""
+def resolve(config, mesh, model) -> str:
+  """`config.loop_mode` for `model` (a `models.VAE`, which says whether it holds convolutions)
+  on `mesh`'s platform: "scan" or "per_step"."""
   if config.loop_mode != "auto":
     return config.loop_mode
   on_cpu = mesh.devices.flat[0].platform == "cpu"
-  return "per_step" if on_cpu and config.model.arch in CONV_ARCHS else "scan"
+  return "per_step" if on_cpu and model.has_convolutions else "scan"

@@ -5,7 +5,7 @@ Shapes: x f32[B, H, W, C] in [0, 1]; z f32[B, K]. Models know nothing of trainin
 
 import functools
 import math
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -90,6 +90,7 @@ def _layer(cls, dtype, kernel_init):
 
 class MLPEncoder(nn.Module):
   """x f32[B, H, W, C] -> (mean, raw log-scale) f32[B, K]; the paper's Table 1 encoder."""
+  has_convolutions: ClassVar[bool] = False
   hidden: Sequence[int]
   latent_dim: int
   activation: Callable = nn.gelu
@@ -110,6 +111,7 @@ class MLPDecoder(nn.Module):
 
   `output_bias_init` initializes the output layer's bias f32[H * W * C * out_per_pixel].
   """
+  has_convolutions: ClassVar[bool] = False
   hidden: Sequence[int]
   image_shape: Sequence[int]
   out_per_pixel: int = 1
@@ -140,6 +142,7 @@ def _downsampled_sizes(size: int, levels: int) -> list[int]:
 class ConvEncoder(nn.Module):
   """Stride-2 SAME convolutions down, then dense layers to the two heads. Any H x W x C.
   x f32[B, H, W, C] -> (mean, raw log-scale) f32[B, K]."""
+  has_convolutions: ClassVar[bool] = True
   channels: Sequence[int]
   hidden: Sequence[int]
   latent_dim: int
@@ -192,6 +195,7 @@ class ConvDecoder(nn.Module):
   Upsampling to the encoder's own sizes (rather than transposed convs) reaches any H, W,
   odd ones included, without checkerboard artefacts.
   """
+  has_convolutions: ClassVar[bool] = True
   channels: Sequence[int]
   hidden: Sequence[int]
   image_shape: Sequence[int]
@@ -233,6 +237,7 @@ class LocatelloDecoder(nn.Module):
 
   Dense 256, dense to an (H/16, W/16, 64) map, then 4x4 stride-2 SAME transposed convs to 64,
   32, 32 and the output channels, each doubling H and W (so H and W are multiples of 16)."""
+  has_convolutions: ClassVar[bool] = True
   image_shape: Sequence[int]
   out_per_pixel: int = 1
   activation: Callable = nn.relu
@@ -283,6 +288,21 @@ class VAE(nn.Module):
   obs_sigma: float = 0.5 ** 0.5
   log_scale_bound: float = 7.0
   decoder_mean: str = "sigmoid"
+  stochastic_layers: ClassVar[int] = 1
+
+  def networks(self) -> tuple[nn.Module, ...]:
+    return (self.encoder, self.decoder)
+
+  @property
+  def has_convolutions(self) -> bool:
+    """Whether a network holds a convolution: XLA:CPU runs those slowly inside compiled loops
+    (see `jaxvae.loops`)."""
+    return any(net.has_convolutions for net in self.networks())
+
+  @property
+  def code_dim(self) -> int:
+    """The size of the code that `encode` returns and `decode` takes, the one with prior N(0, I)."""
+    return self.encoder.latent_dim
 
   def setup(self):
     shape = {"learned_global": (), "learned_pixel": tuple(self.image_shape)}.get(self.obs_scale)
@@ -319,6 +339,31 @@ class VAE(nn.Module):
     """z f32[N, K] -> likelihood parameters of p(x|z)."""
     return VAE.decode(self, z)
 
+  # What the objectives and evaluation ask of the latents above the bottom one. Callers name
+  # these methods (`method="log_prior"`), so a subclass's override is the one used.
+  @staticmethod
+  def layer_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """(key of the draws next to x, key of the draws above them, or None with one layer).
+    A one-layer model draws from `rng` itself."""
+    return rng, None
+
+  def log_prior(self, z, key):
+    """log p(z) of bottom-latent draws z f32[S, B, K] -> f32[S, B] nats; `key` is unused here."""
+    del key
+    return distributions.standard_normal_log_prob(z)
+
+  def kl(self, z, mean, log_scale, key):
+    """KL(q(z|x) || p(z)) per example, f32[B] nats, and per dim of the top code f32[B, K]:
+    analytic for N(0, I); z f32[S, B, K] (unused here) and `key` serve deeper models."""
+    del z, key
+    return distributions.kl_standard_normal(mean, log_scale), distributions.kl_per_dim(mean, log_scale)
+
+  def posteriors(self, x, key):
+    """((mean, log_scale) f32[B, K_l] of each stochastic layer, bottom first): the layers'
+    posteriors along one draw keyed by `key` (unused with one layer)."""
+    del key
+    return (self.encode_bottom(x),)
+
   def __call__(self, x):
     """Decodes the posterior mean: x f32[B, H, W, C] -> likelihood parameters."""
     mean, _ = self.encode(x)
@@ -344,6 +389,14 @@ class HierarchicalVAE(VAE):
   """
   upper_encoder: nn.Module = None  # h1 f32[N, K1] -> (mean, raw log-scale) of q(h2|h1), [N, K2]
   upper_decoder: nn.Module = None  # h2 f32[N, K2] -> (mean, raw log-scale) of p(h1|h2), [N, K1]
+  stochastic_layers: ClassVar[int] = 2
+
+  def networks(self) -> tuple[nn.Module, ...]:
+    return (self.encoder, self.decoder, self.upper_encoder, self.upper_decoder)
+
+  @property
+  def code_dim(self) -> int:
+    return self.upper_encoder.latent_dim
 
   def encode_upper(self, h1):
     """h1 f32[N, K1] -> (mean, log_scale) f32[N, K2] of q(h2|h1)."""
@@ -361,15 +414,52 @@ class HierarchicalVAE(VAE):
     """h2 f32[N, K2] -> likelihood parameters of p(x | h1 = E[h1|h2])."""
     return self.decode_bottom(self.decode_upper(z)[0])
 
+  @staticmethod
+  def layer_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    bottom, upper = jax.random.split(rng)
+    return bottom, upper
 
-def stochastic_layers(model: VAE) -> int:
-  """1 for a `VAE`, 2 for a `HierarchicalVAE`."""
-  return 2 if isinstance(model, HierarchicalVAE) else 1
+  def upper_terms(self, h1, key):
+    """The terms above h1, from one draw h2 ~ q(h2|h1) per h1 keyed by `key`.
 
+    h1: f32[S, B, K1]. Returns f32[S, B] arrays, nats:
+      log_p_h1   log p(h1|h2)
+      log_ratio  log p(h2) - log q(h2|h1)
+      kl_top     KL(q(h2|h1) || N(0, I)), analytic
+    and `kl_top_per_dim` f32[S, B, K2]. log_p_h1 + log_ratio is the one-draw importance estimate
+    of log p(h1) (its exp is unbiased for p(h1)).
+    """
+    flat = h1.reshape(-1, h1.shape[-1])
+    mean2, log_scale2 = self.encode_upper(flat)
+    h2 = distributions.sample_diag_gaussian(key, mean2, log_scale2)[0]
+    mean1, log_scale1 = self.decode_upper(h2)
+    per_dim = distributions.kl_per_dim(mean2, log_scale2)
+    shape = h1.shape[:-1]
+    log_q_h2 = distributions.diag_gaussian_log_prob(h2, mean2, log_scale2)
+    return {"log_p_h1": distributions.diag_gaussian_log_prob(flat, mean1, log_scale1).reshape(shape),
+            "log_ratio": (distributions.standard_normal_log_prob(h2) - log_q_h2).reshape(shape),
+            "kl_top": per_dim.sum(axis=-1).reshape(shape),
+            "kl_top_per_dim": per_dim.reshape(shape + per_dim.shape[-1:])}
 
-def code_dim(model: VAE) -> int:
-  """The size of the code that `encode` returns and `decode` takes, the one with prior N(0, I)."""
-  return (model.upper_encoder if stochastic_layers(model) == 2 else model.encoder).latent_dim
+  def log_prior(self, z, key):
+    """log p(h1) of draws h1 f32[S, B, K1], estimated from one h2 draw per h1: f32[S, B]."""
+    up = self.upper_terms(z, key)
+    return up["log_p_h1"] + up["log_ratio"]
+
+  def kl(self, z, mean, log_scale, key):
+    """The draws' mean of log q(h1|x) - log p(h1|h2) + KL(q(h2|h1) || N(0, I)), h2 ~ q(h2|h1)
+    once per h1 draw z f32[S, B, K1]: an unbiased estimate of KL(q(h1, h2|x) || p(h1, h2)),
+    analytic in its top layer, f32[B]; and that top layer's KL per dim f32[B, K2]."""
+    up = self.upper_terms(z, key)
+    log_q = distributions.diag_gaussian_log_prob(z, mean, log_scale)  # [S, B]
+    return (log_q - up["log_p_h1"] + up["kl_top"]).mean(axis=0), up["kl_top_per_dim"].mean(axis=0)
+
+  def posteriors(self, x, key):
+    """(q(h1|x), q(h2|h1)) with h1 drawn from q(h1|x) by `key` (as Burda et al. count the top
+    layer's active units): ((mean, log_scale) f32[B, K1], (mean, log_scale) f32[B, K2])."""
+    mean, log_scale = self.encode_bottom(x)
+    h1 = distributions.sample_diag_gaussian(key, mean, log_scale)[0]
+    return (mean, log_scale), self.encode_upper(h1)
 
 
 def output_bias(model_cfg, pixel_mean: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from absl import app, flags
 from PIL import Image
 
 from jaxvae import distributions, models
-from jaxvae import run as run_lib
+from jaxvae import restore
 
 
 @functools.partial(jax.jit, static_argnames="model")
@@ -43,7 +43,7 @@ def prior_samples(model: models.VAE, params, key: jax.Array, num: int,
   """Decoded draws z ~ N(0, temperature^2 I): f32[num, H, W, C]."""
   if num <= 0 or temperature < 0:
     raise ValueError(f"num={num} must be positive and temperature={temperature} non-negative")
-  shape = (num, models.code_dim(model))
+  shape = (num, model.code_dim)
   return decode_mean(model, params, temperature * jax.random.normal(key, shape))
 
 
@@ -115,10 +115,10 @@ def default_zoom(height: int) -> int:
 def main(argv):
   f = flags.FLAGS
   if f.num <= 0 or f.temperature < 0:
-    raise run_lib.RunError(f"--num={f.num} must be positive and --temperature={f.temperature} "
+    raise restore.RunError(f"--num={f.num} must be positive and --temperature={f.temperature} "
                            "non-negative")
-  run = run_lib.restore_run_for_command(argv, f.workdir)
-  images = prior_samples(run.model, run.state.params, jax.random.key(f.seed), f.num, f.temperature)
+  run = restore.restore_for_command(argv, f.workdir)
+  images = prior_samples(run.model, run.params, jax.random.key(f.seed), f.num, f.temperature)
   zoom = f.zoom or default_zoom(images.shape[1])
   path = save_png(image_grid(np.asarray(images), zoom=zoom), f.out)
   print(f"wrote {path}: {f.num} prior samples (temperature {f.temperature}) of "
@@ -134,4 +134,4 @@ if __name__ == "__main__":  # flags defined only here: train.py, which imports t
   flags.DEFINE_integer("seed", 0, "PRNG seed of the draws.")
   flags.DEFINE_integer("zoom", 0, "Pixel repeat factor; 0 picks one that makes images >= 32 px.")
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(run_lib.exit_on_user_error(main))
+  app.run(restore.exit_on_user_error(main))

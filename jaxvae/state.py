@@ -9,18 +9,19 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
-import optax
 
-from jaxvae import models
+# The one group of a single-network objective; objectives with more networks name theirs.
+VAE_GROUP = "vae"
 
 
 @flax.struct.dataclass
 class TrainState:
+  """Parameters and optimizer states by group name ({"vae": ...} for a single-network
+  objective; see `jaxvae.objectives.base`). A group without an optimizer state is frozen."""
   step: jax.Array  # int32[], global optimizer steps taken (skipped ones included)
-  params: Any
-  opt_state: Any
-  skips: jax.Array  # int32[], non-finite steps skipped in a row up to now
+  params: dict[str, Any]
+  opt_state: dict[str, Any]
+  skips: jax.Array  # int32[], steps skipped in a row up to now (any group non-finite)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +38,3 @@ class Keys:
 
   def as_dict(self) -> dict[str, jax.Array]:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-def init_state(model: models.VAE, tx: optax.GradientTransformation, rng: jax.Array,
-               image_shape) -> TrainState:
-  params = models.init_params(model, rng, image_shape)
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.zeros((), jnp.int32))

@@ -1,4 +1,4 @@
-"""Train state, the compiled epoch, and `train_and_evaluate(config, workdir)`.
+"""The compiled chunks of train steps, the training loop, and `train_and_evaluate(config, workdir)`.
 
 The way a batch travels: uint8 images are put on device once; each epoch a permutation from
 fold_in(shuffle_key, epoch) orders them; a chunk of steps runs per call, as one compiled loop
@@ -20,54 +20,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import tqdm
 
-from jaxvae import checkpoint, data, evaluate, figures, loops, models, objectives, optim, parallel
-from jaxvae import run as run_lib
+from jaxvae import checkpoint, data, evaluate, experiment, figures, loops, optim, parallel, rundir
 from jaxvae import config as config_lib
-from jaxvae.state import Keys, TrainState, init_state
+from jaxvae.state import VAE_GROUP, Keys, TrainState
 
-# The train metrics averaged into each metrics row, where the objective reports them.
-TRAIN_SUM_KEYS = ("loss", "elbo_nats", "log_lik_nats", "kl_nats", "beta", "capacity_nats",
-                  "iwae_nats", "mi_nats", "tc_nats", "dwkl_nats")
-
-
-def make_train_step(model: models.VAE, tx, config, dataset_size: int | None = None):
-  """(state, x uint8[B, H, W, C], key) -> (state, metrics of floats[]).
-
-  The loss is `objectives.make_loss(config.objective, ...)` at the step `state.step`;
-  `dataset_size`, the training images, is needed by the beta_tcvae objective.
-
-  With `config.optimizer.skip_nonfinite` "grads", a step whose loss or any gradient is not
-  finite leaves params and optimizer state as they were; with "loss" only the loss is checked
-  (no pass over the gradients). A skipped step still advances `step` (so the next step draws a
-  fresh key) and counts in `skips`, which an applied step resets; metrics["skipped"] says which
-  happened. With "off" every step is applied and the caller stops on a non-finite loss.
-  """
-  loss_fn = objectives.make_loss(config.objective, model, dataset_size)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  check = config.optimizer.skip_nonfinite
-
-  def train_step(state: TrainState, x_uint8: jax.Array, key: jax.Array):
-    bin_key, z_key = jax.random.split(key)
-    x = data.to_unit_interval(x_uint8, bin_key, config.data.binarize)
-    (loss, metrics), grads = grad_fn(state.params, z_key, x, state.step)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if check == "off":
-      return (TrainState(state.step + 1, params, opt_state, state.skips),
-              dict(metrics, skipped=jnp.zeros((), bool), skips=state.skips))
-    finite = jnp.isfinite(loss)
-    if check == "grads":
-      finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    skips = jnp.where(finite, 0, state.skips + 1)
-    metrics = dict(metrics, skipped=~finite, skips=skips)
-    return TrainState(state.step + 1, keep(params, state.params),
-                      keep(opt_state, state.opt_state), skips), metrics
-
-  return train_step
+# What a chunk counts beside the metrics' sums; every other key a step's metrics hold (but
+# `skipped` and `skips`) is a metric, averaged over the applied steps into each metrics row.
+CHUNK_COUNTS = ("steps", "skipped_steps", "nonfinite_loss_steps", "max_skips", "stop",
+                "params_finite")
+STEP_FLAGS = ("skipped", "skips")
 
 
 def make_train_chunk(train_step, mesh, loop: str):
@@ -79,7 +42,7 @@ def make_train_chunk(train_step, mesh, loop: str):
     `skipped_steps` and `nonfinite_loss_steps`, `max_skips`, the longest run of skips so far,
     `stop`, the largest signal number any process had seen when it sent the chunk (0: none),
     and `params_finite`, whether every parameter is finite after it.
-  `valid` is a prefix: the epoch's last chunk is padded, and only the valid steps run. "scan"
+  `valid` is a prefix: the epoch's last chunk is padded, and only the valid steps training. "scan"
   compiles the chunk as one program with a loop of dynamic length, so every chunk has one shape
   and the function compiles once per run; "per_step" is a `StepwiseChunk` (valid read on the
   host). Both draw step keys fold_in(train_key, state.step) and sum the same way.
@@ -98,8 +61,8 @@ def make_train_chunk(train_step, mesh, loop: str):
 
   def sums_of(state, metrics, valid, stop):
     applied = valid & ~metrics["skipped"]
-    sums = {k: jnp.sum(jnp.where(applied, metrics[k], 0.0)) for k in TRAIN_SUM_KEYS
-            if k in metrics}
+    sums = {k: jnp.sum(jnp.where(applied, v, 0.0)) for k, v in metrics.items()
+            if k not in STEP_FLAGS}
     sums["steps"] = valid.sum()
     sums["skipped_steps"] = (valid & metrics["skipped"]).sum()
     sums["nonfinite_loss_steps"] = (valid & ~jnp.isfinite(metrics["loss"])).sum()
@@ -238,7 +201,7 @@ def _add_chunk(sums: dict, chunk_sums) -> dict:
   """Adds one chunk's device sums into the epoch's host `sums`; returns the chunk's own
   `max_skips`, `nonfinite_loss_steps`, `stop` and `params_finite`."""
   chunk_sums = jax.device_get(chunk_sums)
-  for k in [k for k in TRAIN_SUM_KEYS if k in chunk_sums] + ["steps", "skipped_steps"]:
+  for k in [k for k in chunk_sums if k not in CHUNK_COUNTS] + ["steps", "skipped_steps"]:
     sums[k] = sums.get(k, 0.0) + float(chunk_sums[k])
   return {k: int(chunk_sums[k])
           for k in ("max_skips", "nonfinite_loss_steps", "stop", "params_finite")}
@@ -269,18 +232,18 @@ def _chunk_error(seen: dict, config, epoch: int, last_good_step) -> str | None:
   return None
 
 
-def _read_chunk(run: "_Run", chunk_sums, sums: dict, bar, epoch: int) -> int:
+def _read_chunk(training: "_Training", chunk_sums, sums: dict, bar, epoch: int) -> int:
   """Adds a chunk's sums to the period's, moves the bar, stops the run if the chunk says so
   (see `_chunk_error`); returns the chunk's `stop` signal number."""
   seen = _add_chunk(sums, chunk_sums)
   applied = sums["steps"] - sums["skipped_steps"]
   bar.update(int(sums["steps"]) - bar.n)
   bar.set_postfix(loss=f"{sums['loss'] / max(applied, 1):.2f}", refresh=False)
-  error = _chunk_error(seen, run.config, epoch, run.manager.latest_step())
+  error = _chunk_error(seen, training.config, epoch, training.manager.latest_step())
   if error:
     bar.close()
-    raise run_lib.RunError(error)
-  checkpoint.check_saves(run.manager)
+    raise rundir.RunError(error)
+  checkpoint.check_saves(training.manager)
   return seen["stop"]
 
 
@@ -293,19 +256,18 @@ class TrainResult:
 
 
 @dataclasses.dataclass
-class _Run:
+class _Training:
   """What a run fixes before its first step."""
   config: ml_collections.ConfigDict
   workdir: str
   mesh: jax.sharding.Mesh
   ds: data.Dataset
-  model: models.VAE
-  tx: optax.GradientTransformation
+  experiment: experiment.Experiment
   steps_per_epoch: int
   chunk_steps: int   # steps per compiled call; every call has this shape
   end_step: int      # the run is done when state.step reaches it
   manager: "checkpoint.ocp.CheckpointManager"
-  log: run_lib.MetricsLog
+  log: rundir.MetricsLog
   config_json: dict
   changes: dict      # the allowed config changes of a resumed run
 
@@ -333,34 +295,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   hold the position and partial sums, so resuming stays exact); the result's `stopped_by`
   names the signal. `overwrite` deletes a previous run of another config.
   """
-  run = _prepare(config, workdir, overwrite)
+  training = _prepare(config, workdir, overwrite)
   try:
-    state, keys, sums = _restore_or_init(run)
-    train_chunk = make_train_chunk(
-        make_train_step(run.model, run.tx, config, len(run.ds.train.images)), run.mesh,
-        loops.resolve(config, run.mesh))
-    evaluator = evaluate.Evaluator(run.model, config, run.ds.test, run.mesh)
+    state, keys, sums = _restore_or_init(training)
+    model = training.experiment.model
+    train_chunk = make_train_chunk(training.experiment.train_step(), training.mesh,
+                                   loops.resolve(config, training.mesh, model))
+    evaluator = evaluate.Evaluator(model, config, training.ds.test, training.mesh)
     with _StopRequest() as stop:
-      state, history, stop_signum = _train_loop(run, state, keys, sums, train_chunk, evaluator,
-                                                stop)
+      state, history, stop_signum = _train_loop(training, state, keys, sums, train_chunk,
+                                                evaluator, stop)
   except BaseException:
     # An error must not cut the last good checkpoint short, nor be hidden by a failed save.
-    checkpoint.close(run.manager, raise_errors=False)
+    checkpoint.close(training.manager, raise_errors=False)
     raise
   else:
-    checkpoint.close(run.manager)
+    checkpoint.close(training.manager)
   finally:
-    run.log.close()
-  stopped_by = _report_stop(run, int(state.step), stop_signum)
+    training.log.close()
+  stopped_by = _report_stop(training, int(state.step), stop_signum)
   return TrainResult(state, history, {"train_chunk": train_chunk._cache_size(),
                                       "evaluate": evaluator.cache_size()}, stopped_by)
 
 
-def _prepare(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> _Run:
+def _prepare(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> _Training:
   """Checks the config and WORKDIR, loads the data and builds the model, before any step."""
   config_lib.validate(config)
-  config_json = run_lib.config_to_json(config)
-  changes = run_lib.prepare_workdir(workdir, config_json, overwrite)
+  config_json = rundir.config_to_json(config)
+  changes = rundir.prepare_workdir(workdir, config_json, overwrite)
   parallel.barrier("workdir prepared")  # no process reads a workdir that --overwrite empties
   mesh = parallel.make_mesh()
   parallel.check_batch_divides(config.batch_size, mesh)
@@ -379,115 +341,111 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -
     if problem:
       raise config_lib.ConfigError(problem)
   chunks = min(config.log.chunks_per_epoch, steps_per_epoch)
-  model = models.make_model(config.model, ds.image_shape,
-                            data.pixel_mean(ds.train.images, config.data.binarize))
-  return _Run(config, workdir, mesh, ds, model,
-              optim.make_optimizer(config.optimizer, steps_per_epoch),
-              steps_per_epoch, math.ceil(steps_per_epoch / chunks),
-              config.num_steps or config.num_epochs * steps_per_epoch,
-              checkpoint.make_manager(workdir, config.checkpoint.keep, config_json),
-              run_lib.MetricsLog(workdir, config.log.tensorboard), config_json, changes)
+  return _Training(config, workdir, mesh, ds, experiment.build_for(config, ds), steps_per_epoch,
+                   math.ceil(steps_per_epoch / chunks),
+                   config.num_steps or config.num_epochs * steps_per_epoch,
+                   checkpoint.make_manager(workdir, config.checkpoint.keep, config_json),
+                   rundir.MetricsLog(workdir, config.log.tensorboard), config_json, changes)
 
 
-def _restore_or_init(run: _Run) -> tuple[TrainState, Keys, dict]:
+def _restore_or_init(training: _Training) -> tuple[TrainState, Keys, dict]:
   """The latest checkpoint's state, keys and partial sums, or a fresh start (which also
   writes the model summary and the data preview)."""
-  config, mesh, shape = run.config, run.mesh, run.ds.image_shape
+  config, mesh, exp = training.config, training.mesh, training.experiment
   # Replicated over the mesh, like the state: orbax saves only global arrays in a multi-process run.
   keys = Keys(**parallel.replicate(Keys.from_seed(config.seed).as_dict(), mesh))
-  template = {"state": jax.eval_shape(lambda: init_state(run.model, run.tx, keys.init, shape)),
-              "keys": keys.as_dict()}
-  restored = checkpoint.restore_latest(run.manager, template, parallel.replicated(mesh))
+  restored = checkpoint.restore_latest(training.manager, exp.checkpoint_template(keys),
+                                       parallel.replicated(mesh), exp.legacy_checkpoint(keys))
   if restored is None:
-    state, sums = parallel.replicate(init_state(run.model, run.tx, keys.init, shape), mesh), {}
-    summary = models.summary(run.model, shape)
+    state, sums = parallel.replicate(exp.init_state(keys.init), mesh), {}
+    summary = experiment.summary(exp, state.params)
     print(summary, flush=True)
-    run_lib.write_text(run.workdir, "model.txt", summary + "\n")
+    rundir.write_text(training.workdir, "model.txt", summary + "\n")
     if parallel.is_primary() and config.log.figures:
-      figures.plot_data_preview(run.ds, os.path.join(run.workdir, "figures"))
+      figures.plot_data_preview(training.ds, os.path.join(training.workdir, "figures"))
   else:
     _, tree, progress = restored
     state, keys, sums = tree["state"], Keys(**tree["keys"]), progress["sums"]
-    print(f"resumed from step {int(state.step)}, {_where(run, int(state.step))}", flush=True)
+    print(f"resumed from step {int(state.step)}, {_where(training, int(state.step))}", flush=True)
   step = int(state.step)
-  dropped = run.log.truncate(step)
+  dropped = training.log.truncate(step)
   if dropped:
     print(f"dropped {dropped} metrics.jsonl rows past step {step}, the last checkpointed; "
           "their steps run again", flush=True)
-  run_lib.record_config(run.workdir, run.config_json, run.changes, step,
-                        step // run.steps_per_epoch)
+  rundir.record_config(training.workdir, training.config_json, training.changes, step,
+                        step // training.steps_per_epoch)
   return state, keys, sums
 
 
-def _where(run: _Run, step: int) -> str:
-  epoch, k = divmod(step, run.steps_per_epoch)
-  return f"step {k} of {run.steps_per_epoch} in epoch {epoch + 1}" if k else f"the end of epoch {epoch}"
+def _where(training: _Training, step: int) -> str:
+  epoch, k = divmod(step, training.steps_per_epoch)
+  return f"step {k} of {training.steps_per_epoch} in epoch {epoch + 1}" if k else f"the end of epoch {epoch}"
 
 
-def _train_loop(run: _Run, state: TrainState, keys: Keys, sums: dict, train_chunk, evaluator,
+def _train_loop(training: _Training, state: TrainState, keys: Keys, sums: dict, train_chunk, evaluator,
                 stop: "_StopRequest") -> tuple[TrainState, list[dict], int]:
   """Periods of training, each ended by an evaluation and a metrics row, up to `end_step` or
   a stop signal; returns the state, the rows and the signal (0: none)."""
   history, stop_signum = [], 0
-  print(f"training steps {int(state.step) + 1}..{run.end_step} in {run.workdir}; Ctrl-C or "
+  print(f"training steps {int(state.step) + 1}..{training.end_step} in {training.workdir}; Ctrl-C or "
         "SIGTERM saves a checkpoint and stops", flush=True)
-  while int(state.step) < run.end_step and not stop_signum:
+  while int(state.step) < training.end_step and not stop_signum:
     start = int(state.step)
-    row_step = min(run.end_step, (start // run.eval_every() + 1) * run.eval_every())
+    row_step = min(training.end_step, (start // training.eval_every() + 1) * training.eval_every())
     t0 = time.time()
-    state, stop_signum = _train_until(run, state, keys, sums, row_step, train_chunk, stop)
+    state, stop_signum = _train_until(training, state, keys, sums, row_step, train_chunk, stop)
     if int(state.step) < row_step:  # stopped by a signal mid-period
-      checkpoint.save(run.manager, int(state.step), {"state": state, "keys": keys.as_dict()},
-                      run.progress(int(state.step), sums))
+      checkpoint.save(training.manager, int(state.step), {"state": state, "keys": keys.as_dict()},
+                      training.progress(int(state.step), sums))
       break
     seconds = time.time() - t0
-    history.append(_end_period(run, state, keys, sums, int(state.step) - start, seconds,
+    history.append(_end_period(training, state, keys, sums, int(state.step) - start, seconds,
                                evaluator, stop_signum))
     sums = {}
   return state, history, stop_signum
 
 
-def _train_until(run: _Run, state: TrainState, keys: Keys, sums: dict, row_step: int,
+def _train_until(training: _Training, state: TrainState, keys: Keys, sums: dict, row_step: int,
                  train_chunk, stop: "_StopRequest") -> tuple[TrainState, int]:
   """Runs the steps from state.step to `row_step` (across epoch ends if need be), adding
   their metrics into `sums`; returns early after a stop signal. Returns (state, signal)."""
-  config, spe = run.config, run.steps_per_epoch
+  config, spe = training.config, training.steps_per_epoch
   step, stop_signum, pending = int(state.step), 0, []
   carried = int(sums.get("steps", 0))  # a resumed period's steps before the stop
-  bar = _progress_bar(run, row_step, total=row_step - step + carried, done=carried)
+  bar = _progress_bar(training, row_step, total=row_step - step + carried, done=carried)
   # One chunk runs on device while the host reads the one before. Whether to send the next
   # chunk depends only on chunks read so far, the same ones on every process.
   while step < row_step and not stop_signum:
     epoch, k = divmod(step, spe)
     stop_in_epoch = min(row_step - epoch * spe, spe)
-    idx, valid = jax.device_get(epoch_batches(keys.shuffle, epoch, len(run.ds.train.images),
-                                              config.batch_size, k, run.chunk_steps,
+    idx, valid = jax.device_get(epoch_batches(keys.shuffle, epoch, len(training.ds.train.images),
+                                              config.batch_size, k, training.chunk_steps,
                                               stop_in_epoch))
     for i in range(idx.shape[0]):
       if stop_signum:
         break
-      batches = parallel.gather_batches(run.ds.train.images, idx[i], run.mesh)
+      batches = parallel.gather_batches(training.ds.train.images, idx[i], training.mesh)
       state, chunk_sums = train_chunk(state, batches, valid[i], keys.train,
-                                      parallel.signal_array(stop.signum or 0, run.mesh))
+                                      parallel.signal_array(stop.signum or 0, training.mesh))
       pending.append(chunk_sums)
       if len(pending) > 1:
-        signum = _read_chunk(run, pending.pop(0), sums, bar, epoch)  # read even after a stop
+        signum = _read_chunk(training, pending.pop(0), sums, bar, epoch)  # read even after a stop
         stop_signum = stop_signum or signum
     step = epoch * spe + stop_in_epoch
   while pending:  # the chunk still in flight, also after a stop
-    signum = _read_chunk(run, pending.pop(0), sums, bar, epoch)
+    signum = _read_chunk(training, pending.pop(0), sums, bar, epoch)
     stop_signum = stop_signum or signum
   bar.close()
   return state, stop_signum
 
 
-def _progress_bar(run: _Run, row_step: int, total: int, done: int) -> tqdm.tqdm:
+def _progress_bar(training: _Training, row_step: int, total: int, done: int) -> tqdm.tqdm:
   """tqdm on stderr, drawn only on a terminal, by process 0, with config.log.progress."""
-  if run.config.eval.every_steps:
-    label = f"steps to {row_step}/{run.end_step}"
+  if training.config.eval.every_steps:
+    label = f"steps to {row_step}/{training.end_step}"
   else:
-    label = f"epoch {row_step // run.steps_per_epoch}/{math.ceil(run.end_step / run.steps_per_epoch)}"
-  enabled = run.config.log.progress and sys.stderr.isatty() and parallel.is_primary()
+    label = f"epoch {row_step // training.steps_per_epoch}/{math.ceil(training.end_step / training.steps_per_epoch)}"
+  enabled = training.config.log.progress and sys.stderr.isatty() and parallel.is_primary()
   # A terminal that reports no size (a bare pseudo-terminal) would make tqdm draw nothing.
   size = os.get_terminal_size(sys.stderr.fileno()) if enabled else None
   fixed = {"ncols": 100, "nrows": 24} if size and not (size.columns and size.lines) else {}
@@ -495,45 +453,47 @@ def _progress_bar(run: _Run, row_step: int, total: int, done: int) -> tqdm.tqdm:
                    leave=False, unit="step", dynamic_ncols=not fixed, **fixed)
 
 
-def _end_period(run: _Run, state: TrainState, keys: Keys, sums: dict, steps_run: int,
+def _end_period(training: _Training, state: TrainState, keys: Keys, sums: dict, steps_run: int,
                 seconds: float, evaluator, stop_signum: int) -> dict:
   """Writes the period's metrics row (train means, test metrics) and saves a checkpoint and
   figures when due; returns the row."""
-  config, step = run.config, int(state.step)
+  config, step = training.config, int(state.step)
   applied = sums["steps"] - sums["skipped_steps"]
-  row = {"epoch": run.epoch_of(step), "step": step}
-  row.update({f"train/{k}": sums[k] / applied if applied else float("nan")
-              for k in TRAIN_SUM_KEYS if k in sums})
+  row = {"epoch": training.epoch_of(step), "step": step}
+  # The objective's value first, then its other metrics by name.
+  names = sorted((k for k in sums if k not in CHUNK_COUNTS), key=lambda k: (k != "loss", k))
+  row.update({f"train/{k}": sums[k] / applied if applied else float("nan") for k in names})
   row["train/skipped_steps"] = int(sums["skipped_steps"])
   row["train/seconds"] = seconds
   row["train/images_per_s"] = steps_run * config.batch_size / seconds
   t0 = time.time()
-  row.update({f"test/{k}": v for k, v in evaluator(state.params, keys.eval).items()})
+  row.update({f"test/{k}": v for k, v in evaluator(state.params[VAE_GROUP], keys.eval).items()})
   row["test/seconds"] = time.time() - t0
-  run.log.write(row)  # before the checkpoint: a kill in between replays the period
+  training.log.write(row)  # before the checkpoint: a kill in between replays the period
   print(_summary(row), flush=True)
-  evaluation = math.ceil(step / run.eval_every())  # 1, 2, ... (the last may be partial)
-  last = step >= run.end_step
+  evaluation = math.ceil(step / training.eval_every())  # 1, 2, ... (the last may be partial)
+  last = step >= training.end_step
   if last or stop_signum or evaluation % config.checkpoint.every == 0:
-    checkpoint.save(run.manager, step, {"state": state, "keys": keys.as_dict()},
-                    run.progress(step, {}), {checkpoint.BEST_METRIC: row[checkpoint.BEST_METRIC]})
+    checkpoint.save(training.manager, step, {"state": state, "keys": keys.as_dict()},
+                    training.progress(step, {}), {checkpoint.BEST_METRIC: row[checkpoint.BEST_METRIC]})
   if parallel.is_primary():
     # Local copies: computing on the global arrays would need every process to join in.
-    params, key = parallel.local_copy(state.params), parallel.local_copy(keys.eval)
+    params = parallel.local_copy(state.params[VAE_GROUP])
+    key = parallel.local_copy(keys.eval)
     if config.log.figures and (last or (config.figures_every
                                         and evaluation % config.figures_every == 0)):
-      figures.draw_training_figures(run.workdir, run.model, params, run.ds, config, key)
-    if run.log.tensorboard:
-      run.log.images(step, figures.tensorboard_images(run.model, params, run.ds, config, key))
+      figures.draw_training_figures(training.workdir, training.experiment.model, params, training.ds, config, key)
+    if training.log.tensorboard:
+      training.log.images(step, figures.tensorboard_images(training.experiment.model, params, training.ds, config, key))
   return row
 
 
-def _report_stop(run: _Run, step: int, stop_signum: int) -> str | None:
+def _report_stop(training: _Training, step: int, stop_signum: int) -> str | None:
   """The name of the signal that stopped an unfinished run, after saying how to resume."""
-  if not stop_signum or step >= run.end_step:
+  if not stop_signum or step >= training.end_step:
     return None
   name = signal.Signals(stop_signum).name
-  print(f"{name}: saved checkpoint step {step}, {_where(run, step)}, in {run.workdir}/checkpoints; "
+  print(f"{name}: saved checkpoint step {step}, {_where(training, step)}, in {training.workdir}/checkpoints; "
         "run the same command again to resume", flush=True)
   return name
 

@@ -18,8 +18,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxvae import checkpoint, data, models, objectives, optim, parallel, train
-from jaxvae import run as run_lib
+from jaxvae import checkpoint, data, experiment, parallel, train
+from jaxvae.objectives import beta_vae
+from jaxvae import restore, rundir
 from jaxvae import state as state_lib
 from jaxvae import config as config_lib
 from tests.conftest import tiny_digits_config
@@ -30,25 +31,23 @@ def _setup(hidden):
   """A tiny digits model, its initial state, its compiled step and a batch."""
   config = tiny_digits_config()
   config.model.hidden = hidden
-  model = models.make_model(config.model, (8, 8, 1))
-  tx = optim.make_optimizer(config.optimizer, 1500 // config.batch_size)
+  exp = experiment.build(config, (8, 8, 1), dataset_size=1500)
   keys = state_lib.Keys.from_seed(0)
-  state = state_lib.init_state(model, tx, keys.init, (8, 8, 1))
-  step = jax.jit(train.make_train_step(model, tx, config))
-  return config, model, tx, keys, state, step, data.load(config.data).train.images[:32]
+  state = exp.init_state(keys.init)
+  step = jax.jit(exp.train_step())
+  return config, exp, keys, state, step, data.load(config.data).train.images[:32]
 
 
 def _model_state(hidden=(32,), steps=1):
   """A tiny digits model and its train state after `steps` real updates."""
-  config, model, tx, keys, state, step, x = _setup(hidden)
+  config, exp, keys, state, step, x = _setup(hidden)
   for i in range(steps):
     state, _ = step(state, x, jax.random.fold_in(keys.train, i))
-  return config, model, tx, keys, state
+  return config, exp, keys, state
 
 
-def _template(model, tx, keys):
-  return {"state": jax.eval_shape(lambda: state_lib.init_state(model, tx, keys.init, (8, 8, 1))),
-          "keys": keys.as_dict()}
+def _template(exp, keys):
+  return exp.checkpoint_template(keys)
 
 
 def _bitwise_equal(a, b) -> bool:
@@ -69,7 +68,7 @@ def _tree_digest(path: str) -> str:
 
 
 def test_round_trip_restores_the_full_state_bitwise(tmp_path):
-  _, model, tx, keys, state = _model_state(steps=2)
+  _, exp, keys, state = _model_state(steps=2)
   progress = {"epoch": 3, "step_in_epoch": 7, "sums": {"loss": 0.1 + 0.2, "steps": 7.0}}
   manager = checkpoint.make_manager(str(tmp_path), keep=2)
   checkpoint.save(manager, 2, {"state": state, "keys": keys.as_dict()}, progress)
@@ -78,7 +77,7 @@ def test_round_trip_restores_the_full_state_bitwise(tmp_path):
 
   sharding = parallel.replicated(parallel.make_mesh())
   manager = checkpoint.make_manager(str(tmp_path), keep=2)
-  tree, restored_progress = checkpoint.restore(manager, 2, _template(model, tx, keys), sharding)
+  tree, restored_progress = checkpoint.restore(manager, 2, _template(exp, keys), sharding)
   manager.close()
   assert int(state.step) == 2 and int(state.opt_state[0].count) == 2  # a state worth saving
   assert _bitwise_equal(tree["state"], state)
@@ -92,19 +91,19 @@ def test_round_trip_restores_the_full_state_bitwise(tmp_path):
 
 
 def test_restore_into_another_model_names_the_mismatch(tmp_path):
-  _, _, _, keys, state = _model_state(hidden=(32,), steps=0)
+  _, _, keys, state = _model_state(hidden=(32,), steps=0)
   manager = checkpoint.make_manager(str(tmp_path), keep=2)
   checkpoint.save(manager, 1, {"state": state, "keys": keys.as_dict()}, {"epoch": 1})
   manager.wait_until_finished()
-  _, model16, tx16, _, _ = _model_state(hidden=(16,), steps=0)
+  _, exp16, _, _ = _model_state(hidden=(16,), steps=0)
   with pytest.raises(checkpoint.CheckpointError) as e:
-    checkpoint.restore(manager, 1, _template(model16, tx16, keys))
+    checkpoint.restore(manager, 1, _template(exp16, keys))
   manager.close()
-  assert ("state.params.params.encoder.Dense_0.kernel is float32[64,32] in the checkpoint but "
+  assert ("state.params.vae.params.encoder.Dense_0.kernel is float32[64,32] in the checkpoint but "
           "float32[64,16] for this config") in str(e.value)
 
 
-def _three_checkpoints(workdir: str, model, tx, keys, state):
+def _three_checkpoints(workdir: str, exp, keys, state):
   """Checkpoints at steps 1, 2, 3 whose params are state.params * step."""
   manager = checkpoint.make_manager(workdir, keep=5)
   states = {}
@@ -133,15 +132,15 @@ _UNREAD_ARRAY_TASK = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisable
 
 @_UNREAD_ARRAY_TASK
 def test_damaged_latest_checkpoint_falls_back_and_is_kept_aside(tmp_path, capsys):
-  _, model, tx, keys, state = _model_state()
-  states = _three_checkpoints(str(tmp_path), model, tx, keys, state)
+  _, exp, keys, state = _model_state()
+  states = _three_checkpoints(str(tmp_path), exp, keys, state)
   ckpts = tmp_path / "checkpoints"
   _damage(str(ckpts / "3"))
   damaged_digest = _tree_digest(str(ckpts / "3"))
   os.makedirs(ckpts / "4.orbax-checkpoint-tmp" / "arrays")  # a save the process never finished
 
   manager = checkpoint.make_manager(str(tmp_path), keep=5)
-  step, tree, progress = checkpoint.restore_latest(manager, _template(model, tx, keys))
+  step, tree, progress = checkpoint.restore_latest(manager, _template(exp, keys))
   out = capsys.readouterr().out
   assert step == 2 and progress["epoch"] == 2
   assert _bitwise_equal(tree["state"], states[2])
@@ -159,21 +158,21 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept_aside(tmp_path, capsys
 
 @_UNREAD_ARRAY_TASK
 def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
-  _, model, tx, keys, state = _model_state()
-  _three_checkpoints(str(tmp_path), model, tx, keys, state)
+  _, exp, keys, state = _model_state()
+  _three_checkpoints(str(tmp_path), exp, keys, state)
   for step in (1, 2, 3):
     _damage(str(tmp_path / "checkpoints" / str(step)))
   before = _tree_digest(str(tmp_path))
   manager = checkpoint.make_manager(str(tmp_path), keep=5)
   with pytest.raises(checkpoint.CheckpointError, match="no checkpoint .* can be read"):
-    checkpoint.restore_latest(manager, _template(model, tx, keys))
+    checkpoint.restore_latest(manager, _template(exp, keys))
   manager.close()
   gc.collect()
   assert _tree_digest(str(tmp_path)) == before
 
 
 def test_non_finite_step_is_skipped_and_counted():
-  _, _, _, keys, state, step, x = _setup((32,))
+  _, _, keys, state, step, x = _setup((32,))
   leaves, treedef = jax.tree.flatten(state.params)
   poisoned = state.replace(params=jax.tree.unflatten(
       treedef, [leaves[0].at[0].set(jnp.nan)] + leaves[1:]))
@@ -193,24 +192,24 @@ def test_non_finite_step_is_skipped_and_counted():
 
 
 def _nan_gradients(monkeypatch):
-  """Makes `objectives.loss` finite but its gradient with respect to the first parameter NaN
+  """Makes `beta_vae.beta_elbo_loss` finite but its gradient with respect to the first parameter NaN
   (d/dp sqrt(0 * |p|) = inf * 0)."""
-  real_loss = objectives.loss
+  real_loss = beta_vae.beta_elbo_loss
 
   def loss(params, rng, x, **kwargs):
     value, metrics = real_loss(params, rng, x, **kwargs)
     return value + jnp.sqrt(0.0 * jnp.abs(jax.tree.leaves(params)[0]).sum()), metrics
 
-  monkeypatch.setattr(objectives, "loss", loss)
+  monkeypatch.setattr(beta_vae, "beta_elbo_loss", loss)
 
 
 def _step_with_nan_gradients(monkeypatch, mode: str):
   """A compiled train step in skip mode `mode` whose gradients are NaN and loss finite."""
-  config, model, tx, keys, state, _, x = _setup((32,))
+  config, exp, keys, state, _, x = _setup((32,))
   _nan_gradients(monkeypatch)
   config = config.copy_and_resolve_references()
   config.optimizer.skip_nonfinite = mode
-  return jax.jit(train.make_train_step(model, tx, config)), state, x, keys
+  return jax.jit(experiment.build(config, (8, 8, 1), dataset_size=1500).train_step()), state, x, keys
 
 
 @pytest.mark.parametrize("mode,skipped", [("grads", True), ("loss", False), ("off", False)])
@@ -226,10 +225,10 @@ def test_skip_nonfinite_modes_check_what_they_say(monkeypatch, mode, skipped):
 
 
 def test_skip_on_loss_skips_a_non_finite_loss(monkeypatch):
-  config, model, tx, keys, state, _, x = _setup((32,))
+  config, exp, keys, state, _, x = _setup((32,))
   config = config.copy_and_resolve_references()
   config.optimizer.skip_nonfinite = "loss"
-  step = jax.jit(train.make_train_step(model, tx, config))
+  step = jax.jit(experiment.build(config, (8, 8, 1), dataset_size=1500).train_step())
   leaves, treedef = jax.tree.flatten(state.params)
   poisoned = state.replace(params=jax.tree.unflatten(
       treedef, [leaves[0].at[0].set(jnp.nan)] + leaves[1:]))
@@ -296,7 +295,7 @@ def test_frozen_key_change_is_refused_before_compute(one_epoch_run, tmp_path, mo
   config.model.latent_dim = 3
   config.batch_size = 16
   _no_compute(monkeypatch)
-  with pytest.raises(run_lib.RunError) as e:
+  with pytest.raises(rundir.RunError) as e:
     train.train_and_evaluate(config, workdir)
   assert "batch_size: 32 in the run, 16 now" in str(e.value)
   assert "model.latent_dim: 4 in the run, 3 now" in str(e.value)
@@ -311,25 +310,25 @@ def test_overwrite_deletes_the_old_run_then_starts_over(one_epoch_run, tmp_path,
   _no_compute(monkeypatch)
   with pytest.raises(AssertionError, match="data.load ran"):  # got past the workdir check
     train.train_and_evaluate(config, workdir, overwrite=True)
-  assert not any(os.path.exists(os.path.join(workdir, name)) for name in run_lib.RUN_FILES)
+  assert not any(os.path.exists(os.path.join(workdir, name)) for name in rundir.RUN_FILES)
 
 
 def test_unwritable_workdir_fails_before_compute(tmp_path, monkeypatch):
   _no_compute(monkeypatch)
   (tmp_path / "a_file").write_text("")
-  with pytest.raises(run_lib.RunError, match="cannot be written"):
+  with pytest.raises(rundir.RunError, match="cannot be written"):
     train.train_and_evaluate(tiny_digits_config(), str(tmp_path / "a_file" / "run"))
   if os.geteuid() != 0:  # root writes through permission bits
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    with pytest.raises(run_lib.RunError, match="cannot be written"):
+    with pytest.raises(rundir.RunError, match="cannot be written"):
       train.train_and_evaluate(tiny_digits_config(), str(locked))
 
 
 def _poison(monkeypatch, fraction: float, record: list):
-  """Makes `objectives.loss` non-finite on a pseudo-random `fraction` of the steps, and
+  """Makes `beta_vae.beta_elbo_loss` non-finite on a pseudo-random `fraction` of the steps, and
   records each step's choice (from inside the compiled step)."""
-  real_loss = objectives.loss
+  real_loss = beta_vae.beta_elbo_loss
 
   def loss(params, rng, x, **kwargs):
     value, metrics = real_loss(params, rng, x, **kwargs)
@@ -338,7 +337,7 @@ def _poison(monkeypatch, fraction: float, record: list):
     scale = jnp.where(bad, jnp.nan, 1.0)
     return value * scale, {k: v * scale for k, v in metrics.items()}
 
-  monkeypatch.setattr(objectives, "loss", loss)
+  monkeypatch.setattr(beta_vae, "beta_elbo_loss", loss)
 
 
 def test_sporadic_non_finite_steps_are_skipped_and_counted(one_epoch_run, tmp_path, monkeypatch):
@@ -361,7 +360,7 @@ def test_too_many_skips_stop_with_the_last_checkpoint_intact(one_epoch_run, tmp_
   _poison(monkeypatch, 1.0, [])
   config = tiny_digits_config(num_epochs=3)
   config.optimizer.max_consecutive_skips = 4  # may change on resume
-  with pytest.raises(run_lib.RunError) as e:
+  with pytest.raises(rundir.RunError) as e:
     train.train_and_evaluate(config, workdir)
   message = str(e.value)
   assert "non-finite" in message and "max_consecutive_skips=4" in message
@@ -407,7 +406,7 @@ def test_skipping_off_changes_no_figure_and_stops_at_a_non_finite_loss(one_epoch
   ckpt_digest = _tree_digest(os.path.join(workdir, "checkpoints"))
   _poison(monkeypatch, 1.0, [])
   config.num_epochs = 2
-  with pytest.raises(run_lib.RunError) as e:
+  with pytest.raises(rundir.RunError) as e:
     train.train_and_evaluate(config, workdir)
   message = str(e.value)
   assert "skip_nonfinite='off'" in message and "last checkpoint, step 46, is intact" in message
@@ -424,7 +423,7 @@ def test_unchecked_nan_gradients_stop_the_run_before_any_checkpoint_holds_them(
   ckpt_digest = _tree_digest(os.path.join(workdir, "checkpoints"))
   _nan_gradients(monkeypatch)
   config.num_epochs = 2
-  with pytest.raises(run_lib.RunError) as e:
+  with pytest.raises(rundir.RunError) as e:
     train.train_and_evaluate(config, workdir)
   message = str(e.value)
   assert "parameters became non-finite in epoch 2" in message
@@ -459,7 +458,7 @@ def test_a_failed_background_save_stops_the_run_at_once_with_one_clear_error(tmp
 
 
 def test_a_mid_period_save_logs_no_orbax_warning(tmp_path, caplog):
-  _, _, _, keys, state = _model_state(steps=1)
+  _, _, keys, state = _model_state(steps=1)
   manager = checkpoint.make_manager(str(tmp_path), keep=2)
   with caplog.at_level(logging.WARNING):
     checkpoint.save(manager, 1, {"state": state, "keys": keys.as_dict()},

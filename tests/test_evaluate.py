@@ -11,8 +11,9 @@ import pytest
 from scipy import stats
 
 from conftest import convolutions_in_loops, tiny_conv_config, tiny_digits_config
-from jaxvae import data, distributions, evaluate, models, objectives, parallel
-from jaxvae import run as run_lib
+from jaxvae import data, distributions, evaluate, models, parallel
+from jaxvae.objectives import iwae as iwae_lib
+from jaxvae import restore, rundir
 from jaxvae import train as train_lib
 
 
@@ -21,7 +22,7 @@ def trained(tmp_path_factory):
   """A tiny digits VAE trained for a few epochs, restored from its workdir."""
   workdir = tmp_path_factory.mktemp("digits")
   train_lib.train_and_evaluate(tiny_digits_config(num_epochs=6), str(workdir))
-  return run_lib.restore_run(str(workdir))
+  return restore.restore_run(str(workdir))
 
 
 # ----------------------------------------------------------------------------- IWAE
@@ -30,9 +31,9 @@ def trained(tmp_path_factory):
 def test_iwae_is_at_least_the_elbo_and_rises_with_k(trained):
   mesh = parallel.make_mesh()
   run = trained
-  elbo = evaluate.Evaluator(run.model, run.config, run.dataset.test, mesh)(run.state.params,
+  elbo = evaluate.Evaluator(run.model, run.config, run.dataset.test, mesh)(run.params,
                                                                           run.keys.eval)
-  bounds = {k: evaluate.iwae_on_split(run.model, run.state.params, run.config, run.dataset.test,
+  bounds = {k: evaluate.iwae_on_split(run.model, run.params, run.config, run.dataset.test,
                                       mesh, run.keys.eval, k)
             for k in (1, 10, 100, 400)}
   iwae = [bounds[k]["iwae"] for k in sorted(bounds)]
@@ -50,14 +51,14 @@ def test_iwae_chunks_fold_into_one_logsumexp(trained):
   run = trained
   x = data.to_unit_interval(run.dataset.test.images[:5], None, "threshold")
   key = jax.random.key(3)
-  out = objectives.iwae_bound(run.state.params, key, x, model=run.model, num_samples=10,
+  out = iwae_lib.iwae_bound(run.params, key, x, model=run.model, num_samples=10,
                               chunk_size=4)
-  mean, log_scale = run.model.apply(run.state.params, x, method=models.VAE.encode)
+  mean, log_scale = run.model.apply(run.params, x, method=models.VAE.encode)
   log_w = []
   for i in range(3):
     z = distributions.sample_diag_gaussian(jax.random.fold_in(key, i), mean, log_scale, 4)
     for z_k in z:
-      obs = run.model.apply(run.state.params, z_k, method=models.VAE.decode)
+      obs = run.model.apply(run.params, z_k, method=models.VAE.decode)
       log_w.append(distributions.log_likelihood("bernoulli", x, obs)
                    + distributions.standard_normal_log_prob(z_k)
                    - distributions.diag_gaussian_log_prob(z_k, mean, log_scale))
@@ -74,7 +75,7 @@ def test_unrolled_iwae_has_no_convolution_in_a_loop_and_the_same_bound():
   params = models.init_params(model, jax.random.key(0), image_shape)
   x = jax.random.uniform(jax.random.key(1), (5,) + image_shape)
   compiled = {unroll: jax.jit(functools.partial(
-      objectives.iwae_bound, model=model, num_samples=10, chunk_size=4, unroll=unroll)).lower(
+      iwae_lib.iwae_bound, model=model, num_samples=10, chunk_size=4, unroll=unroll)).lower(
           params, jax.random.key(2), x).compile() for unroll in (False, True)}
   assert convolutions_in_loops(compiled[False].as_text())
   assert convolutions_in_loops(compiled[True].as_text()) == []
@@ -115,7 +116,7 @@ def test_iwae_approaches_the_exact_marginal_of_a_linear_gaussian_model():
   x = np.random.default_rng(1).normal(size=(32, 6)) * 1.5
   exact = stats.multivariate_normal(offset, w @ w.T + sigma ** 2 * np.eye(6)).logpdf(x)
   x = jnp.asarray(x.reshape((32,) + image_shape), jnp.float32)
-  bound = lambda params, k: np.asarray(objectives.iwae_bound(
+  bound = lambda params, k: np.asarray(iwae_lib.iwae_bound(
       params, jax.random.key(k), x, model=model, num_samples=k, chunk_size=1000)["iwae"])
   # The exact posterior makes every weight equal p(x): one sample is already exact.
   np.testing.assert_allclose(bound(params, 1), exact, atol=2e-4)
@@ -264,11 +265,11 @@ def test_collapsing_a_trained_dimension_removes_one_active_unit(trained):
   stats_of = lambda params: evaluate.posterior_stats(
       run.model, params, run.dataset.test.images, run.keys.eval, run.config.data.binarize, 100,
       mesh, "scan")
-  means, kl = stats_of(run.state.params)
+  means, kl = stats_of(run.params)
   count, _ = evaluate.active_units(means)
   j = int(np.argmax(kl.mean(0)))
   # Both heads of dim j output 0 for every input: q(z_j|x) = N(0, 1), the prior.
-  params = jax.tree.map(lambda v: v, run.state.params)
+  params = jax.tree.map(lambda v: v, run.params)
   for head in ("mean", "log_scale"):
     layer = params["params"]["encoder"][head]
     layer["kernel"] = layer["kernel"].at[:, j].set(0.0)
@@ -283,7 +284,7 @@ def test_collapsing_a_trained_dimension_removes_one_active_unit(trained):
 def test_binarization_does_not_depend_on_the_batching(trained, loop):
   # Each image's binarization is keyed by its index, so any eval batch size sees the same x.
   run, mesh = trained, parallel.make_mesh()
-  means = [evaluate.posterior_stats(run.model, run.state.params, run.dataset.test.images,
+  means = [evaluate.posterior_stats(run.model, run.params, run.dataset.test.images,
                                     run.keys.eval, "dynamic", b, mesh, loop)[0] for b in (297, 64)]
   np.testing.assert_allclose(means[0], means[1], rtol=1e-5, atol=1e-6)
 
@@ -340,9 +341,9 @@ def test_pca_baseline_fits_on_a_random_subset_of_a_large_split(monkeypatch):
 def test_evaluator_is_deterministic_given_the_key(trained):
   run = trained
   evaluator = evaluate.Evaluator(run.model, run.config, run.dataset.test, parallel.make_mesh())
-  first = evaluator(run.state.params, run.keys.eval)
-  assert evaluator(run.state.params, run.keys.eval) == first
-  assert evaluator(run.state.params, jax.random.key(99))["elbo_nats"] != first["elbo_nats"]
+  first = evaluator(run.params, run.keys.eval)
+  assert evaluator(run.params, run.keys.eval) == first
+  assert evaluator(run.params, jax.random.key(99))["elbo_nats"] != first["elbo_nats"]
 
 
 def test_per_step_evaluation_matches_the_scanned_one(trained):
@@ -352,8 +353,8 @@ def test_per_step_evaluation_matches_the_scanned_one(trained):
     config = run.config.copy_and_resolve_references()
     config.loop_mode = loop
     evaluator = evaluate.Evaluator(run.model, config, run.dataset.test, mesh)
-    out[loop] = evaluator(run.state.params, run.keys.eval), evaluate.iwae_on_split(
-        run.model, run.state.params, config, run.dataset.test, mesh, run.keys.eval, 9)
+    out[loop] = evaluator(run.params, run.keys.eval), evaluate.iwae_on_split(
+        run.model, run.params, config, run.dataset.test, mesh, run.keys.eval, 9)
     assert evaluator.cache_size() == 1
   # The same up to float rounding (SSIM's window runs as convolutions in a loop only).
   per_step, scan = out["per_step"][0], out["scan"][0]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import REPO, tiny_sprites_config
 from jaxvae import evaluate, figures, sprites
-from jaxvae import run as run_lib
+from jaxvae import restore, rundir
 from jaxvae import train as train_lib
 
 LATENTS = 5
@@ -41,7 +41,7 @@ def evaluated(sprites_run):
   """WORKDIR/eval.json as the evaluate command writes it, and its printed report; all but the
   PCA baseline, whose eigendecomposition of 4,096 pixels takes a minute on 2 cores (it has
   tests of its own)."""
-  run = run_lib.restore_run(str(sprites_run))
+  run = restore.restore_run(str(sprites_run))
   no_pca = lambda train, test, k, batch_size: {"k": k, "recon_ssim": 0.0, "recon_psnr_db": 0.0,
                                                "recon_mse": 0.0}
   with pytest.MonkeyPatch.context() as patch:

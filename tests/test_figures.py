@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import tiny_digits_config
 from jaxvae import evaluate, figures, parallel, sample
-from jaxvae import run as run_lib
+from jaxvae import restore, rundir
 from jaxvae import train as train_lib
 
 
@@ -44,8 +44,8 @@ def test_training_draws_every_figure_at_its_declared_size(run_dir):
 
 
 def test_redrawing_from_the_checkpoint_overwrites_the_same_files(run_dir):
-  run = run_lib.restore_run(str(run_dir))
-  paths = figures.draw_training_figures(str(run_dir), run.model, run.state.params, run.dataset,
+  run = restore.restore_run(str(run_dir))
+  paths = figures.draw_training_figures(str(run_dir), run.model, run.params, run.dataset,
                                         run.config, run.keys.eval)
   # All but the data preview, which training draws once, at its start.
   assert sorted(p.rsplit("/", 1)[1] for p in paths) == sorted(
@@ -132,9 +132,9 @@ def test_shown_images_visit_every_class_of_a_sorted_split():
 
 def test_drawing_again_reuses_the_compiled_encoder_pass(run_dir):
   """The figures' pass over the test split compiles once per run, not once per drawing."""
-  run = run_lib.restore_run(str(run_dir))
+  run = restore.restore_run(str(run_dir))
   mesh, images = parallel.make_mesh(local=True), run.dataset.test.images
-  args = (run.model, run.state.params, images, run.keys.eval, run.config.data.binarize,
+  args = (run.model, run.params, images, run.keys.eval, run.config.data.binarize,
           run.config.eval.batch_size, mesh, "scan")
   batched = evaluate._Batched(images, run.config.eval.batch_size, mesh, "scan")
   program = evaluate._posterior_program(run.model, run.config.data.binarize, "scan",

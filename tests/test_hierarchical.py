@@ -15,8 +15,10 @@ from scipy.special import logsumexp
 from configs import mnist_iwae
 from conftest import tiny_digits_config
 from jaxvae import config as config_lib
-from jaxvae import distributions, evaluate, models, objectives
-from jaxvae import run as run_lib
+from jaxvae import distributions, evaluate, models
+from jaxvae import elbo as elbo_lib
+from jaxvae.objectives import iwae as iwae_lib
+from jaxvae import restore, rundir
 from jaxvae import train as train_lib
 
 MNIST_SHAPE = (28, 28, 1)
@@ -43,7 +45,7 @@ def test_mnist_iwae_2_is_burdas_two_layer_model():
                     "upper_decoder": mlp((50, 100, 100, 100)),       # p(h1|h2)
                     "decoder": mlp((100, 200, 200, 784), heads=False)}  # p(x|h1), logits
   assert models.count_params(params) == 521_084
-  assert models.stochastic_layers(model) == 2 and models.code_dim(model) == 50
+  assert model.stochastic_layers == 2 and model.code_dim == 50
   # Everything else is the one-layer protocol's.
   assert model.likelihood == "bernoulli" and config.num_epochs == 3280
 
@@ -94,7 +96,7 @@ def test_iwae_loss_is_the_two_layer_importance_bound_by_hand():
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
   x = np.array([[0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]], np.float64)
   k = 4
-  value, metrics = objectives.iwae_loss(params, jax.random.key(3),
+  value, metrics = iwae_lib.iwae_loss(params, jax.random.key(3),
                                         jnp.asarray(x.reshape((3,) + TINY_SHAPE), jnp.float32),
                                         model=model, num_samples=k)
   # The draws by hand: the key splits into the h1 draws' and the h2 draws', h2 one per h1.
@@ -112,7 +114,13 @@ def test_iwae_loss_is_the_two_layer_importance_bound_by_hand():
   iwae = np.mean(logsumexp(log_w, axis=0) - math.log(k))
   assert float(value) == pytest.approx(-iwae, rel=1e-5)
   assert float(metrics["iwae_nats"]) == pytest.approx(iwae, rel=1e-5)
-  assert float(metrics["elbo_nats"]) == pytest.approx(log_w.mean(), rel=1e-5)
+  # Its ELBO metric: the same draws, with the model's KL estimate (as kind='elbo' reports it):
+  # log q(h1|x) - log p(h1|h2) + KL(q(h2|h1) || N(0, I)), the top term analytic.
+  log_lik = _np_log_bernoulli(x, _np_logits(p["decoder"], h1))
+  kl_top = np.sum(0.5 * (m2 ** 2 + np.exp(2 * s2) - 1) - s2, axis=-1)
+  kl = _np_log_normal(h1, m1, s1) - _np_log_normal(h1, pm1, ps1) + kl_top
+  assert float(metrics["elbo_nats"]) == pytest.approx((log_lik - kl).mean(), rel=1e-5)
+  assert float(metrics["kl_nats"]) == pytest.approx(kl.mean(), rel=1e-5)
 
 
 def _quadrature(model, params, x):
@@ -144,7 +152,7 @@ def test_elbo_and_importance_weights_meet_quadrature():
   n = 100_000
   # The training ELBO, one draw per example for n copies of x: its mean within 4 standard
   # errors of the quadrature ELBO (the KL: a Monte Carlo h1 term plus an analytic h2 term).
-  t = objectives.elbo_terms(params, jax.random.key(1), jnp.repeat(image, n, axis=0), model=model)
+  t = elbo_lib.elbo_terms(params, jax.random.key(1), jnp.repeat(image, n, axis=0), model=model)
   per_draw = np.asarray(t["log_lik"] - t["kl"], np.float64)
   assert abs(per_draw.mean() - elbo) < 4 * per_draw.std() / math.sqrt(n)
   # The log-weights of n draws: their mean is an ELBO, the log of the mean weight log p(x),
@@ -152,14 +160,14 @@ def test_elbo_and_importance_weights_meet_quadrature():
   bottom, upper = jax.random.split(jax.random.key(2))
   mean, log_scale = model.apply(params, image, method=models.VAE.encode_bottom)
   z = distributions.sample_diag_gaussian(bottom, mean, log_scale, n)
-  log_w, _ = objectives.log_weights(params, image, z, mean, log_scale, model=model,
+  log_w, _ = iwae_lib.log_weights(params, image, z, mean, log_scale, model=model,
                                     upper_rng=upper)
   log_w = np.asarray(log_w[:, 0], np.float64)
   assert abs(log_w.mean() - elbo) < 4 * log_w.std() / math.sqrt(n)
   w = np.exp(log_w - log_w.max())
   assert abs(logsumexp(log_w) - math.log(n) - log_px) < 4 * w.std() / w.mean() / math.sqrt(n)
   # The evaluate command's bound (chunked draws) lands there too.
-  bound = objectives.iwae_bound(params, jax.random.key(3), image, model=model,
+  bound = iwae_lib.iwae_bound(params, jax.random.key(3), image, model=model,
                                 num_samples=20_000, chunk_size=5000)
   assert float(bound["iwae"][0]) == pytest.approx(log_px, abs=0.05)
   assert float(bound["elbo"][0]) == pytest.approx(elbo, abs=0.05)
@@ -192,7 +200,7 @@ def test_a_two_layer_run_trains_evaluates_and_draws(tmp_path):
   assert len(rows[-1]["test/kl_per_dim_nats"]) == 2  # the top code's dims
   for name in ("fig19_prior_samples.png", "fig17_reconstructions.png", "latent_traversals.png"):
     assert (tmp_path / "figures" / name).exists()
-  run = run_lib.restore_run(str(tmp_path))
+  run = restore.restore_run(str(tmp_path))
   assert isinstance(run.model, models.HierarchicalVAE)
   result = evaluate.evaluate_run(run, iw_samples=50)
   vae = result["vae"]

@@ -8,7 +8,7 @@ import pytest
 from configs import mnist_iwae
 from conftest import MNIST_TGZ, needs, tiny_digits_config
 from jaxvae import config as config_lib
-from jaxvae import data, evaluate, models, optim, parallel, train
+from jaxvae import data, evaluate, experiment, models, optim, parallel, train
 from jaxvae import state as state_lib
 
 MNIST_SHAPE = (28, 28, 1)
@@ -138,10 +138,10 @@ def test_a_few_steps_on_real_mnist_raise_the_elbo_from_the_mean_image():
   mean = data.pixel_mean(ds.train.images, config.data.binarize)
   assert mean.mean() == pytest.approx(0.1307, abs=1e-4)  # MNIST's mean pixel
   mesh = parallel.make_mesh()
-  model = models.make_model(config.model, ds.image_shape, mean)
-  tx = optim.make_optimizer(config.optimizer, len(ds.train.images) // config.batch_size)
+  exp = experiment.build(config, ds.image_shape, len(ds.train.images), mean)
+  model = exp.model
   keys = state_lib.Keys.from_seed(config.seed)
-  state = jax.jit(lambda: state_lib.init_state(model, tx, keys.init, ds.image_shape))()
+  state = jax.jit(exp.init_state)(keys.init)
   test = data.Split(ds.test.images[:10], ds.test.labels[:10])
   config.eval.iw_batch_size, config.eval.iw_chunk = 10, 50
 
@@ -152,9 +152,9 @@ def test_a_few_steps_on_real_mnist_raise_the_elbo_from_the_mean_image():
 
   # The decoder starts at the mean image: near the pixel marginals' -256 nats on these images,
   # far above zero logits' 784 ln(1/2) = -543 nats.
-  before = test_iwae(state.params)
+  before = test_iwae(state.params["vae"])
   assert before > -300
-  chunk = train.make_train_chunk(train.make_train_step(model, tx, config), mesh, "scan")
+  chunk = train.make_train_chunk(exp.train_step(), mesh, "scan")
   idx, valid = jax.device_get(train.epoch_batches(keys.shuffle, 0, len(ds.train.images),
                                                   config.batch_size, 0, 20))
   elbos = []
@@ -164,4 +164,4 @@ def test_a_few_steps_on_real_mnist_raise_the_elbo_from_the_mean_image():
     assert int(sums["skipped_steps"]) == 0
     elbos.append(float(sums["elbo_nats"]) / int(sums["steps"]))
   assert int(state.step) == 40 and elbos[1] > elbos[0]
-  assert test_iwae(state.params) > before + 10
+  assert test_iwae(state.params["vae"]) > before + 10

@@ -16,9 +16,12 @@ from scipy import stats
 from scipy.special import logsumexp
 
 from configs import cifar10
-from jaxvae import models, objectives, optim, train
+from jaxvae import distributions, experiment, models, objectives, train
+from jaxvae import elbo as elbo_lib
+from jaxvae.objectives import beta_tcvae, beta_vae
+from jaxvae.objectives import iwae as iwae_lib
 from jaxvae import config as config_lib
-from jaxvae import run as run_lib
+from jaxvae import restore, rundir
 from jaxvae.config import base_config
 from tests.conftest import tiny_digits_config
 from tests.test_resume import _rows, _untimed
@@ -68,7 +71,7 @@ def _params(w, b, enc_kernel, enc_bias, log_scale):
 def _elbo_samples(model, params, x, n=40_000):
   """n independent one-sample ELBO estimates for the single image x (n copies in a batch)."""
   batch = jnp.broadcast_to(jnp.asarray(x, jnp.float32).reshape((1,) + D_SHAPE), (n,) + D_SHAPE)
-  elbo = jax.jit(objectives.elbo, static_argnames=("model",))
+  elbo = jax.jit(elbo_lib.elbo, static_argnames=("model",))
   return np.asarray(elbo(params, jax.random.key(7), batch, model=model), np.float64)
 
 
@@ -116,7 +119,7 @@ def test_loss_per_example_is_independent_of_batch_size(likelihood):
     x = jnp.round(x * 255) / 255
   # 64 copies with one draw each use the same normals as one copy with 64 draws, so a
   # mean-over-batch reduction gives identical losses; a sum would be 64 times larger.
-  loss = jax.jit(objectives.loss, static_argnames=("model", "num_samples"))
+  loss = jax.jit(beta_vae.beta_elbo_loss, static_argnames=("model", "num_samples"))
   batch_loss, m_batch = loss(params, jax.random.key(2), jnp.repeat(x, 64, 0), model=model)
   single_loss, m_single = loss(params, jax.random.key(2), x, model=model, num_samples=64)
   np.testing.assert_allclose(batch_loss, single_loss, rtol=1e-5)
@@ -127,7 +130,7 @@ def test_loss_per_example_is_independent_of_batch_size(likelihood):
 def test_beta_weights_only_the_kl_and_reported_elbo_ignores_it():
   model, params = _small_model()
   x = jax.random.uniform(jax.random.key(1), (8, 4, 4, 3))
-  loss = jax.jit(objectives.loss, static_argnames=("model",))
+  loss = jax.jit(beta_vae.beta_elbo_loss, static_argnames=("model",))
   l1, m1 = loss(params, jax.random.key(2), x, model=model, beta=1.0)
   l4, m4 = loss(params, jax.random.key(2), x, model=model, beta=4.0)
   np.testing.assert_allclose(l4 - l1, 3.0 * m1["kl_nats"], rtol=1e-5)
@@ -143,12 +146,19 @@ def _objective(**overrides):
   return cfg
 
 
+def make_loss(cfg, model, dataset_size=None):
+  """The "vae" group's loss (params, rng, x, step) -> (value, metrics) of objective `cfg`."""
+  config = base_config()
+  config.objective = cfg
+  return objectives.make(config, model, dataset_size).loss
+
+
 def test_default_objective_is_todays_loss_bit_for_bit_plus_its_beta():
   model, params = _small_model()
   x = jax.random.uniform(jax.random.key(1), (8, 4, 4, 3))
-  loss_fn = jax.jit(objectives.make_loss(_objective(beta=4.0), model))
+  loss_fn = jax.jit(make_loss(_objective(beta=4.0), model))
   value, metrics = loss_fn(params, jax.random.key(2), x, jnp.int32(5))
-  loss = jax.jit(objectives.loss, static_argnames=("model",))
+  loss = jax.jit(beta_vae.beta_elbo_loss, static_argnames=("model",))
   want, want_metrics = loss(params, jax.random.key(2), x, model=model, beta=4.0)
   assert np.asarray(value).tobytes() == np.asarray(want).tobytes()
   assert {k: float(v) for k, v in metrics.items()} == dict(
@@ -164,7 +174,7 @@ def test_schedules_are_traced_functions_of_the_step(overrides):
   model, params = _small_model()
   x = jax.random.uniform(jax.random.key(1), (8, 4, 4, 3))
   cfg = _objective(**overrides)
-  loss_fn = jax.jit(objectives.make_loss(cfg, model))
+  loss_fn = jax.jit(make_loss(cfg, model))
   for step in (0, 1, 7, 30, 59, 60, 79, 80, 1000, 123_456):
     value, m = loss_fn(params, jax.random.key(2), x, jnp.int32(step))
     ramp = min(step / 60, 1.0)
@@ -184,10 +194,10 @@ def test_free_bits_floor_each_dims_batch_mean_kl_and_report_the_true_kl():
   model, params = _small_model()
   x = jax.random.uniform(jax.random.key(1), (8, 4, 4, 3))
   mean, log_scale = model.apply(params, x, method=models.VAE.encode)
-  kl_dims = np.asarray(objectives.distributions.kl_per_dim(mean, log_scale).mean(0))
+  kl_dims = np.asarray(distributions.kl_per_dim(mean, log_scale).mean(0))
   floor = float(np.median(kl_dims))  # some dims below, some above
   assert (kl_dims < floor).any() and (kl_dims > floor).any()
-  loss = jax.jit(functools.partial(objectives.loss, rng=jax.random.key(2), x=x, model=model),
+  loss = jax.jit(functools.partial(beta_vae.beta_elbo_loss, rng=jax.random.key(2), x=x, model=model),
                  static_argnames=("beta", "free_bits"))
   value, m = loss(params, free_bits=floor)
   _, plain = loss(params)
@@ -201,7 +211,7 @@ def test_free_bits_floor_each_dims_batch_mean_kl_and_report_the_true_kl():
     np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=1e-7)
 
 
-_tc_decomposition = jax.jit(objectives.tc_decomposition, static_argnums=3)
+_tc_decomposition = jax.jit(beta_tcvae.tc_decomposition, static_argnums=3)
 
 
 def _mws_reference(z, mean, log_scale, n):
@@ -268,7 +278,7 @@ def test_tcvae_loss_weighs_its_three_terms():
   model, params = _small_model()
   x = jax.random.uniform(jax.random.key(1), (8, 4, 4, 3))
   cfg = _objective(kind="beta_tcvae", tc_alpha=2.0, tc_beta=6.0, tc_gamma=0.5)
-  value, m = jax.jit(objectives.make_loss(cfg, model, dataset_size=100))(
+  value, m = jax.jit(make_loss(cfg, model, dataset_size=100))(
       params, jax.random.key(2), x, jnp.int32(0))
   want = -m["log_lik_nats"] + 2.0 * m["mi_nats"] + 6.0 * m["tc_nats"] + 0.5 * m["dwkl_nats"]
   assert float(value) == pytest.approx(float(want), rel=1e-5)
@@ -277,20 +287,20 @@ def test_tcvae_loss_weighs_its_three_terms():
   # Free bits above every dim's DWKL leave it a constant: MWS's raw values sit log N lower.
   floored = _objective(kind="beta_tcvae", tc_alpha=2.0, tc_beta=6.0, tc_gamma=0.5, free_bits=30.0)
   no_dwkl = _objective(kind="beta_tcvae", tc_alpha=2.0, tc_beta=6.0, tc_gamma=0.0)
-  (value, m), grads = jax.jit(jax.value_and_grad(objectives.make_loss(floored, model, 100),
+  (value, m), grads = jax.jit(jax.value_and_grad(make_loss(floored, model, 100),
                                                  has_aux=True))(params, jax.random.key(2), x, 0)
   k = 3  # latent dims of _small_model
   want = (-m["log_lik_nats"] + 2.0 * m["mi_nats"] + 6.0 * m["tc_nats"]
           + 0.5 * k * (30.0 - math.log(100)))
   assert float(value) == pytest.approx(float(want), rel=1e-5)
-  want_grads = jax.jit(jax.grad(lambda p: objectives.make_loss(no_dwkl, model, 100)(
+  want_grads = jax.jit(jax.grad(lambda p: make_loss(no_dwkl, model, 100)(
       p, jax.random.key(2), x, 0)[0]))(params)
   for g, want_g in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="dataset size"):
-    objectives.make_loss(cfg, model)
+    make_loss(cfg, model)
   with pytest.raises(ValueError, match="N >= the batch"):
-    objectives.make_loss(cfg, model, dataset_size=4)(params, jax.random.key(2), x, 0)
+    make_loss(cfg, model, dataset_size=4)(params, jax.random.key(2), x, 0)
 
 
 def _iwae_by_hand(params, x, eps):
@@ -329,7 +339,7 @@ def test_iwae_loss_and_gradient_match_a_hand_computation():
   x = rng.normal(size=(3, 4))
   k, key = 5, jax.random.key(3)
   eps = np.asarray(jax.random.normal(key, (k, 3, K)), np.float64)  # sample_diag_gaussian's draws
-  loss = lambda p: objectives.iwae_loss(p, key, jnp.asarray(x.reshape((3,) + D_SHAPE), jnp.float32),
+  loss = lambda p: iwae_lib.iwae_loss(p, key, jnp.asarray(x.reshape((3,) + D_SHAPE), jnp.float32),
                                         model=model, num_samples=k)
   (value, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   want, want_grads = _iwae_by_hand(params, x, eps)
@@ -347,12 +357,12 @@ def test_one_sample_iwae_is_the_elbo_with_a_monte_carlo_kl():
   key = jax.random.key(2)
 
   def mc_elbo_loss(p):
-    t = objectives.elbo_terms(p, key, x, model=model)
-    mc_kl = (objectives.distributions.diag_gaussian_log_prob(t["z"][0], t["mean"], t["log_scale"])
-             - objectives.distributions.standard_normal_log_prob(t["z"][0]))
+    t = elbo_lib.elbo_terms(p, key, x, model=model)
+    mc_kl = (distributions.diag_gaussian_log_prob(t["z"][0], t["mean"], t["log_scale"])
+             - distributions.standard_normal_log_prob(t["z"][0]))
     return -jnp.mean(t["log_lik"] - mc_kl)
 
-  iwae = lambda p: objectives.iwae_loss(p, key, x, model=model, num_samples=1)[0]
+  iwae = lambda p: iwae_lib.iwae_loss(p, key, x, model=model, num_samples=1)[0]
   (value, grads), (want_value, want_grads) = (jax.jit(jax.value_and_grad(f))(params)
                                               for f in (iwae, mc_elbo_loss))
   np.testing.assert_allclose(value, want_value, rtol=1e-6)
@@ -390,16 +400,15 @@ def test_every_objective_trains_and_sums_its_metrics(kind, extra):
   config = tiny_digits_config()
   config.objective.kind, config.objective.num_samples = kind, 1 + (kind == "iwae")
   config_lib.validate(config)
-  model = models.make_model(config.model, (8, 8, 1))
-  tx = optim.make_optimizer(config.optimizer, 10)
-  state = models.init_params(model, jax.random.key(0), (8, 8, 1))
-  state = train.TrainState(jnp.int32(0), state, tx.init(state), jnp.int32(0))
-  step = jax.jit(train.make_train_step(model, tx, config, dataset_size=1500))
+  exp = experiment.build(config, (8, 8, 1), dataset_size=1500)
+  state = exp.init_state(jax.random.key(0))
+  step = jax.jit(exp.train_step())
   x = jax.random.randint(jax.random.key(1), (32, 8, 8, 1), 0, 256).astype(jnp.uint8)
   after, metrics = step(state, x, jax.random.key(2))
-  assert set(metrics) == {*train.TRAIN_SUM_KEYS[:4], *extra, "skipped", "skips"}
+  elbo_keys = ("loss", "elbo_nats", "log_lik_nats", "kl_nats")
+  assert set(metrics) == {*elbo_keys, *extra, "skipped", "skips"}
   assert not bool(metrics["skipped"]) and int(after.step) == 1
-  assert all(np.isfinite(float(metrics[k])) for k in (*train.TRAIN_SUM_KEYS[:4], *extra))
+  assert all(np.isfinite(float(metrics[k])) for k in (*elbo_keys, *extra))
 
 
 def test_capacity_with_warmup_stopped_midway_resumes_bit_for_bit(tmp_path, monkeypatch):
@@ -424,11 +433,11 @@ def test_capacity_with_warmup_stopped_midway_resumes_bit_for_bit(tmp_path, monke
   monkeypatch.setattr(train, "_read_chunk", read_and_signal)
   assert train.train_and_evaluate(config, stopped).stopped_by == "SIGTERM"
   monkeypatch.setattr(train, "_read_chunk", read_chunk)
-  at = int(run_lib.restore_run(stopped).state.step)
+  at = int(restore.restore_run(stopped).state.step)
   assert 0 < at < 30  # inside the warm-up and the capacity ramp
   train.train_and_evaluate(config, stopped)
 
-  got, want = run_lib.restore_run(stopped), run_lib.restore_run(reference)
+  got, want = restore.restore_run(stopped), restore.restore_run(reference)
   for a, b in zip(jax.tree.leaves(got.state), jax.tree.leaves(want.state)):
     assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
   rows = _untimed(_rows(stopped))
@@ -530,7 +539,7 @@ def test_learned_observation_scales_are_parameters_of_the_right_shape():
 def test_scale_head_cannot_overflow_with_huge_weights():
   model, params = _small_model()
   huge = jax.tree.map(lambda p: p * 1e4, params)
-  loss = jax.jit(objectives.loss, static_argnames=("model",))
+  loss = jax.jit(beta_vae.beta_elbo_loss, static_argnames=("model",))
   _, m = loss(huge, jax.random.key(0), jnp.ones((2, 4, 4, 3)), model=model)
   assert all(bool(jnp.isfinite(v)) for v in m.values())
 
@@ -548,7 +557,7 @@ def test_bfloat16_compute_runs_the_layers_in_bfloat16_and_keeps_float32_elsewher
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(same)))
 
   x = jax.random.uniform(jax.random.key(1), (16, 8, 8, 3))
-  loss_fn = lambda p, model: objectives.loss(p, jax.random.key(2), x, model=model)
+  loss_fn = lambda p, model: beta_vae.beta_elbo_loss(p, jax.random.key(2), x, model=model)
   jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss_fn(p, bf16_model)[0]))(params)
   products = {"dot_general": [], "conv_general_dilated": []}
 

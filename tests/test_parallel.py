@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from jaxvae import run as run_lib
+from jaxvae import restore, rundir
 from jaxvae import train as train_lib
 
 # Metrics and checkpoints only: figures and TensorBoard (seconds of TensorFlow import per
@@ -90,7 +90,7 @@ def _assert_same_metrics(rows, ref_rows, rel):
 
 def _final_params(workdir) -> list[np.ndarray]:
   import jax
-  return [np.asarray(x) for x in jax.tree.leaves(run_lib.restore_run(str(workdir)).state.params)]
+  return [np.asarray(x) for x in jax.tree.leaves(restore.restore_run(str(workdir)).state.params)]
 
 
 def _python(script: str, devices: int) -> dict:
@@ -105,7 +105,7 @@ def test_batches_are_split_over_devices_and_the_state_is_replicated():
     import jax, numpy as np
     from jax.sharding import PartitionSpec as P
     from configs import digits
-    from jaxvae import models, optim, parallel, train
+    from jaxvae import experiment, parallel, train
     from jaxvae import state as state_lib
 
     mesh = parallel.make_mesh()
@@ -118,12 +118,10 @@ def test_batches_are_split_over_devices_and_the_state_is_replicated():
 
     config = digits.get_config()
     config.model.hidden, config.model.latent_dim = (32,), 4
-    model = models.make_model(config.model, (8, 8, 1))
-    tx = optim.make_optimizer(config.optimizer, 2)
+    exp = experiment.build(config, (8, 8, 1), dataset_size=2 * config.batch_size)
     keys = state_lib.Keys.from_seed(0)
-    state = jax.device_put(state_lib.init_state(model, tx, keys.init, (8, 8, 1)),
-                           parallel.replicated(mesh))
-    chunk = train.make_train_chunk(train.make_train_step(model, tx, config), mesh, "scan")
+    state = jax.device_put(exp.init_state(keys.init), parallel.replicated(mesh))
+    chunk = train.make_train_chunk(exp.train_step(), mesh, "scan")
     images = np.random.default_rng(1).integers(0, 256, (64, 8, 8, 1), np.uint8)
     batches = parallel.gather_batches(images, np.arange(64).reshape(2, 32), mesh)
     no_signal = parallel.signal_array(0, mesh)
@@ -230,7 +228,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_they_resume(tmp_
         p.kill()
   assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outs[0][1][-3000:]
   assert "SIGTERM: saved checkpoint" in outs[0][0]
-  stopped = run_lib.restore_run(str(multi))
+  stopped = restore.restore_run(str(multi))
   assert stopped.progress["epoch"] in (1, 2) and len(_rows(multi)) == stopped.progress["epoch"]
 
   resumed = _train_two_processes(multi, *small)

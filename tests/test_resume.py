@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from jaxvae import evaluate, parallel, train
-from jaxvae import run as run_lib
+from jaxvae import restore, rundir
 from tests.conftest import REPO
 
 # One step per chunk, so the bar moves (and a stop can land) after every step.
@@ -102,7 +102,7 @@ def _untimed(rows):
 
 def _assert_same_run(workdir, reference):
   """Same final train state bit for bit, same progress, and the same metrics rows."""
-  got, want = run_lib.restore_run(workdir), run_lib.restore_run(reference)
+  got, want = restore.restore_run(workdir), restore.restore_run(reference)
   assert got.progress == want.progress
   assert jax.tree.structure(got.state) == jax.tree.structure(want.state)
   for path, a, b in zip(jax.tree_util.tree_flatten_with_path(got.state)[0],
@@ -158,10 +158,10 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(killed_and_r
 
 def test_evaluating_the_resumed_run_reproduces_its_logged_metrics(killed_and_resumed):
   workdir, _ = killed_and_resumed
-  run = run_lib.restore_run(workdir)
+  run = restore.restore_run(workdir)
   assert run.progress["epoch"] == 4 and int(run.state.step) == 4 * STEPS_PER_EPOCH
   evaluator = evaluate.Evaluator(run.model, run.config, run.dataset.test, parallel.make_mesh())
-  metrics = evaluator(run.state.params, run.keys.eval)
+  metrics = evaluator(run.params, run.keys.eval)
   last = _rows(workdir)[-1]
   logged = {k: last[f"test/{k}"] for k in metrics if f"test/{k}" in last}
   assert "elbo_nats" in logged and "kl_per_dim_nats" in logged
@@ -179,7 +179,7 @@ def test_sigterm_saves_mid_epoch_and_resumes_exactly(tmp_path, env, reference):
   assert "to resume: python train.py" in stdout and f"--workdir={workdir}" in stdout
   assert [r["epoch"] for r in _rows(workdir)] == [1]
 
-  stopped = run_lib.restore_run(workdir)
+  stopped = restore.restore_run(workdir)
   at = stopped.progress["step_in_epoch"]
   print(f"SIGTERM in epoch 2: checkpoint at step {at}/{STEPS_PER_EPOCH} of it")
   assert stopped.progress["epoch"] == 1 and 10 <= at < STEPS_PER_EPOCH

@@ -8,7 +8,7 @@ import pytest
 
 from configs import sprites_beta_vae, sprites_locatello
 from jaxvae import config as config_lib
-from jaxvae import data, loops, models, optim, parallel
+from jaxvae import data, experiment, loops, models, parallel
 from jaxvae import state as state_lib
 from jaxvae import train as train_lib
 
@@ -133,13 +133,11 @@ def test_config_trains_a_few_steps_on_a_tiny_subset(module, tmp_path):
   ds = data.load(config.data)
   data.check_pixels_fit(ds, config.model.likelihood, config.data.binarize)
   mesh = parallel.make_mesh()
-  model = models.make_model(config.model, ds.image_shape)
-  tx = optim.make_optimizer(config.optimizer, 2)
+  exp = experiment.build(config, ds.image_shape, 16)
   keys = state_lib.Keys.from_seed(config.seed)
-  state = jax.jit(lambda key: state_lib.init_state(model, tx, key, ds.image_shape))(keys.init)
+  state = jax.jit(exp.init_state)(keys.init)
   before = jax.device_get(state.params)
-  chunk = train_lib.make_train_chunk(train_lib.make_train_step(model, tx, config), mesh,
-                                     loops.resolve(config, mesh))
+  chunk = train_lib.make_train_chunk(exp.train_step(), mesh, loops.resolve(config, mesh, exp.model))
   idx, valid = train_lib.epoch_batches(keys.shuffle, 0, 16, 8, start=0, chunk_steps=3)
   assert valid.tolist() == [[True, True, False]]  # the epoch's 2 steps, in a padded chunk
   state, sums = chunk(state, parallel.gather_batches(ds.train.images, np.asarray(idx[0]), mesh),

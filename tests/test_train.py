@@ -14,7 +14,7 @@ from configs import cifar10
 from conftest import (CIFAR10_TGZ, REPO, convolutions_in_loops, needs, tiny_conv_config,
                       tiny_digits_config)
 from jaxvae import config as config_lib
-from jaxvae import data, evaluate, loops, models, optim, parallel
+from jaxvae import data, evaluate, experiment, loops, models, parallel
 from jaxvae import state as state_lib
 from jaxvae import train as train_lib
 
@@ -71,15 +71,14 @@ def conv_chunks():
   theirs), batches(first) -> uint8[6, B, 8, 8, 1] of steps first.. of one epoch, train key).
   """
   config, mesh, shape = tiny_conv_config(), parallel.make_mesh(), (8, 8, 1)
-  model = models.make_model(config.model, shape)
-  tx = optim.make_optimizer(config.optimizer, 8)
-  keys = state_lib.Keys.from_seed(0)
-  fresh = lambda: state_lib.init_state(model, tx, keys.init, shape)
   b = config.batch_size
+  exp = experiment.build(config, shape, dataset_size=8 * b)
+  keys = state_lib.Keys.from_seed(0)
+  fresh = lambda: exp.init_state(keys.init)
   images = np.random.default_rng(0).integers(0, 256, (8 * b,) + shape, np.uint8)
   batches = lambda first: parallel.gather_batches(
       images, np.arange(first * b, (first + 6) * b).reshape(6, b), mesh)
-  step = train_lib.make_train_step(model, tx, config)
+  step = exp.train_step()
   args = (fresh(), batches(0), np.ones(6, bool), keys.train, parallel.signal_array(0, mesh))
   chunks = {loop: train_lib.make_train_chunk(step, mesh, loop).lower(*args).compile()
             for loop in ("per_step", "scan")}
@@ -89,7 +88,9 @@ def conv_chunks():
 def test_no_convolution_of_the_cpu_train_chunk_runs_inside_a_compiled_loop(conv_chunks):
   # XLA:CPU runs a convolution inside a while loop ~20x slower (jax-ml/jax#12868).
   config, mesh = tiny_conv_config(), parallel.make_mesh()
-  assert mesh.devices.flat[0].platform == "cpu" and loops.resolve(config, mesh) == "per_step"
+  model = models.make_model(config.model, (8, 8, 1))
+  assert model.has_convolutions
+  assert mesh.devices.flat[0].platform == "cpu" and loops.resolve(config, mesh, model) == "per_step"
   chunks = conv_chunks[0]
   hlo = chunks["per_step"].as_text()
   assert "convolution(" in hlo
@@ -112,7 +113,7 @@ def test_per_step_and_scan_chunks_agree_and_per_step_does_not_depend_on_the_chun
     assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
   assert int(sums["steps"]) == int(scan_sums["steps"]) == 5
   assert sums.keys() == scan_sums.keys()
-  for k in set(train_lib.TRAIN_SUM_KEYS) & sums.keys():
+  for k in set(sums) - set(train_lib.CHUNK_COUNTS):
     assert float(sums[k]) == pytest.approx(float(scan_sums[k]), rel=1e-5), k
   for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(scan_state.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
@@ -182,22 +183,22 @@ def test_paper_config_lowers_test_elbo_on_real_cifar10_in_300_steps():
   config.data.source, config.data.path = "folder", str(CIFAR10_TGZ)
   ds = data.load(config.data)
   mesh = parallel.make_mesh()
-  model = models.make_model(config.model, ds.image_shape)
-  tx = optim.make_optimizer(config.optimizer, len(ds.train.images) // 32)
+  exp = experiment.build(config, ds.image_shape, len(ds.train.images))
+  model = exp.model
   keys = state_lib.Keys.from_seed(0)
-  state = state_lib.init_state(model, tx, keys.init, ds.image_shape)
+  state = exp.init_state(keys.init)
   assert models.count_params(state.params) == 3_543_552
   config.eval.batch_size = 1000
   evaluator = evaluate.Evaluator(model, config, data.Split(ds.test.images[:2000], ds.test.labels[:2000]),
                                  mesh)
-  before = evaluator(state.params, keys.eval)
-  chunk = train_lib.make_train_chunk(train_lib.make_train_step(model, tx, config), mesh, "scan")
+  before = evaluator(state.params["vae"], keys.eval)
+  chunk = train_lib.make_train_chunk(exp.train_step(), mesh, "scan")
   idx, valid = jax.device_get(
       train_lib.epoch_batches(keys.shuffle, 0, len(ds.train.images), 32, 0, 100))
   for i in range(3):
     batches = parallel.gather_batches(ds.train.images, idx[i], mesh)
     state, sums = chunk(state, batches, valid[i], keys.train, parallel.signal_array(0, mesh))
-  after = evaluator(state.params, keys.eval)
+  after = evaluator(state.params["vae"], keys.eval)
   assert int(state.step) == 300
   assert after["elbo_nats"] > before["elbo_nats"] + 100  # nats per image
   assert after["recon_mean_ssim"] > before["recon_mean_ssim"]

@@ -1,26 +1,18 @@
-"""A run on disk: its workdir, config.json, metrics.jsonl, and restoring it for the commands.
+"""A run's directory: WORKDIR, its config.json, metrics.jsonl and other files.
 
 WORKDIR holds what a run writes (`RUN_FILES`); process 0 writes them, once. `prepare_workdir`
-checks a workdir before any compute, `restore_run` rebuilds a trained run from it for the
-evaluate, figures and sample commands. Training sits above this module, so nothing here
-imports it back.
+checks a workdir before any compute; `jaxvae.restore` rebuilds a trained run from one.
 """
 
-import dataclasses
-import functools
 import json
 import os
 import shutil
-import sys
 import tempfile
 
-import jax
 import ml_collections
-from absl import app, flags, logging
 
-from jaxvae import checkpoint, data, models, optim, parallel
 from jaxvae import config as config_lib
-from jaxvae.state import Keys, TrainState, init_state
+from jaxvae import parallel
 
 
 def append_jsonl(path: str, row: dict) -> None:
@@ -38,22 +30,6 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict:
 
 class RunError(RuntimeError):
   """A run that cannot start or go on; the message says why and what to do."""
-
-
-# Bad input of every kind; each message says what was wrong and what to do.
-USER_ERRORS = (config_lib.ConfigError, data.DataError, checkpoint.CheckpointError, RunError)
-
-
-def exit_on_user_error(main):
-  """Wraps a command's `main(argv)`: bad input ends it with one line `error: ...` and exit
-  status 1, never a traceback."""
-  @functools.wraps(main)
-  def wrapped(argv):
-    try:
-      return main(argv)
-    except USER_ERRORS as e:
-      sys.exit(f"error: {e}")
-  return wrapped
 
 
 # What a run writes in its workdir; --overwrite deletes exactly these.
@@ -169,58 +145,3 @@ class MetricsLog:
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
-
-
-@dataclasses.dataclass
-class Run:
-  """A trained run restored from its workdir, ready for evaluation and figures."""
-  config: ml_collections.ConfigDict
-  dataset: data.Dataset
-  model: models.VAE
-  state: TrainState
-  keys: Keys
-  progress: dict  # epoch, step_in_epoch of the restored checkpoint
-
-
-def restore_run(workdir: str, step: int | None = None) -> Run:
-  """Rebuilds the model and data of WORKDIR from its config.json and restores a checkpoint
-  (the latest unless `step` is given)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise RunError(f"{workdir} holds no config.json; give the --workdir of a jaxvae run "
-                   "(train one with train.py first)")
-  with open(path) as f:
-    saved = json.load(f)
-  # Laid over today's defaults, so a run saved before a key existed still restores.
-  config = config_lib.base_config()
-  known = config_lib.flatten(config.to_dict())
-  config.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
-                                     for k, v in config_lib.flatten(saved).items() if k in known})
-  ds = data.load(config.data)
-  model = models.make_model(config.model, ds.image_shape,
-                            data.pixel_mean(ds.train.images, config.data.binarize))
-  keys = Keys.from_seed(config.seed)
-  tx = optim.make_optimizer(config.optimizer, len(ds.train.images) // config.batch_size)
-  template = {"state": jax.eval_shape(lambda: init_state(model, tx, keys.init, ds.image_shape)),
-              "keys": keys.as_dict()}
-  manager = checkpoint.make_manager(workdir, config.checkpoint.keep)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise RunError(f"{workdir}/checkpoints holds no checkpoint; train first (or let the run "
-                   "reach its first evaluation)")
-  tree, progress = checkpoint.restore(manager, step, template,
-                                      parallel.replicated(parallel.make_mesh()))
-  manager.close()
-  return Run(config, ds, model, tree["state"], Keys(**tree["keys"]), progress)
-
-
-def restore_run_for_command(argv: list[str], workdir: str) -> Run:
-  """`restore_run` for the evaluate, figures and sample commands: refuses stray arguments and,
-  unless --verbosity is given, quiets orbax, which logs every file it reads at INFO."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  return restore_run(workdir)
-
-
