@@ -129,7 +129,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if value < 0:
       raise ConfigError(f"config.{key}={value} must be >= 0 (0 turns it off)")
   _choice(c.loop_mode, loops.LOOP_MODES, "loop_mode")
-  _choice(c.data.source, data.SOURCES, "data.source")
+  _choice(c.data.source, data.LOADERS, "data.source")
   _choice(c.data.binarize, data.BINARIZATIONS, "data.binarize")
   _validate_model(c.model)
   _choice(c.optimizer.skip_nonfinite, SKIP_NONFINITE, "optimizer.skip_nonfinite")
@@ -166,7 +166,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 
 def _validate_model(m: ml_collections.ConfigDict) -> None:
-  _choice(m.arch, models.ARCHITECTURES, "model.arch")
+  _choice(m.arch, models.BUILDERS, "model.arch")
   _choice(m.activation, tuple(models.ACTIVATIONS), "model.activation")
   _choice(m.likelihood, distributions.LIKELIHOODS, "model.likelihood")
   _choice(m.obs_scale, models.OBS_SCALES, "model.obs_scale")

@@ -18,6 +18,7 @@ import socket
 import tarfile
 import tempfile
 import zlib
+from typing import Callable
 from pathlib import Path
 
 import jax
@@ -26,7 +27,6 @@ import numpy as np
 
 from jaxvae import sprites
 
-SOURCES = ("tfds", "folder", "digits", "sprites")
 BINARIZATIONS = ("none", "threshold", "dynamic")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _CACHE_VERSION = "1"
@@ -57,18 +57,23 @@ class Dataset:
     return tuple(self.train.images.shape[1:])
 
 
+# `config.data.source` -> its loader: data_cfg -> Dataset. `register_source` adds one.
+LOADERS: dict[str, Callable[..., "Dataset"]] = {}
+
+
+def register_source(name: str):
+  """Decorator: makes `loader(data_cfg) -> Dataset` the source `config.data.source=name`."""
+  def register(loader):
+    LOADERS[name] = loader
+    return loader
+  return register
+
+
 def load(data_cfg) -> Dataset:
   """Loads both splits that `data_cfg` (a `config.data`) names. Raises DataError on bad data."""
-  if data_cfg.source == "digits":
-    ds = _load_digits()
-  elif data_cfg.source == "folder":
-    ds = _load_folder(data_cfg.path, data_cfg.cache_dir)
-  elif data_cfg.source == "tfds":
-    ds = _load_tfds(data_cfg.name, data_cfg.path or None)
-  elif data_cfg.source == "sprites":
-    ds = _load_sprites(data_cfg.sprites_subsample, data_cfg.cache_dir)
-  else:
-    raise DataError(f"config.data.source={data_cfg.source!r}; choose one of {SOURCES}")
+  if data_cfg.source not in LOADERS:
+    raise DataError(f"config.data.source={data_cfg.source!r}; choose one of {tuple(LOADERS)}")
+  ds = LOADERS[data_cfg.source](data_cfg)
   if ds.train.images.shape[1:] != ds.test.images.shape[1:]:
     raise DataError(f"{ds.name}: train images are {ds.train.images.shape[1:]} but test images "
                     f"are {ds.test.images.shape[1:]}; both splits need one image size")
@@ -119,8 +124,10 @@ def pixel_mean(images: np.ndarray, binarize: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- digits
 
 
-def _load_digits() -> Dataset:
+@register_source("digits")
+def _load_digits(data_cfg) -> Dataset:
   """sklearn's 1,797 digits (values 0..16) as uint8 0..255; a fixed split of 1,500 / 297."""
+  del data_cfg  # no keys: the data ship with scikit-learn
   from sklearn.datasets import load_digits
   d = load_digits()
   images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
@@ -131,6 +138,11 @@ def _load_digits() -> Dataset:
 
 
 # ----------------------------------------------------------------------------- tfds
+
+
+@register_source("tfds")
+def _load_tfds_source(data_cfg) -> Dataset:
+  return _load_tfds(data_cfg.name, data_cfg.path or None)
 
 
 def _load_tfds(name: str, data_dir: str | None) -> Dataset:
@@ -189,6 +201,11 @@ def _stack_uint8(images: list, source: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- sprites
 
 
+@register_source("sprites")
+def _load_sprites_source(data_cfg) -> Dataset:
+  return _load_sprites(data_cfg.sprites_subsample, data_cfg.cache_dir)
+
+
 def _load_sprites(subsample: int, cache_dir: str) -> Dataset:
   """The generated dSprites grid; labels are the shape index, class names the shapes."""
   cache = Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
@@ -219,6 +236,11 @@ def _fingerprint(path: Path) -> str:
         st = os.stat(os.path.join(root, f))
         h.update(f"{os.path.relpath(os.path.join(root, f), path)}|{st.st_size}|{st.st_mtime_ns}".encode())
   return h.hexdigest()[:16]
+
+
+@register_source("folder")
+def _load_folder_source(data_cfg) -> Dataset:
+  return _load_folder(data_cfg.path, data_cfg.cache_dir)
 
 
 def _load_folder(path: str, cache_dir: str) -> Dataset:

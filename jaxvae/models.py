@@ -5,7 +5,7 @@ Shapes: x f32[B, H, W, C] in [0, 1]; z f32[B, K]. Models know nothing of trainin
 
 import functools
 import math
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, ClassVar, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -17,7 +17,6 @@ from jaxvae import distributions
 ACTIVATIONS: dict[str, Callable] = {
     "gelu": nn.gelu, "relu": nn.relu, "elu": nn.elu, "silu": nn.silu, "tanh": jnp.tanh,
 }
-ARCHITECTURES = ("mlp", "conv", "locatello")
 OBS_SCALES = ("fixed", "learned_global", "learned_pixel")
 DECODER_MEANS = ("sigmoid", "identity")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -297,6 +296,11 @@ class VAE(nn.Module):
   def has_convolutions(self) -> bool:
     """Whether a network holds a convolution: XLA:CPU runs those slowly inside compiled loops
     (see `jaxvae.loops`)."""
+    missing = [type(net).__name__ for net in self.networks()
+               if not hasattr(type(net), "has_convolutions")]
+    if missing:
+      raise TypeError(f"{', '.join(missing)} must say whether it holds convolutions: give the class "
+                      "`has_convolutions: ClassVar[bool]` (see docs/extending.md)")
     return any(net.has_convolutions for net in self.networks())
 
   @property
@@ -478,54 +482,101 @@ def output_bias(model_cfg, pixel_mean: np.ndarray) -> np.ndarray:
   return out.astype(np.float32)
 
 
+class Parts(NamedTuple):
+  """What an architecture builder returns; the VAE adds the likelihood head."""
+  encoder: nn.Module  # x f32[B, H, W, C] -> (mean, raw log-scale) f32[B, K]
+  decoder: nn.Module  # z f32[N, K] -> f32[N, H, W, C * out_per_pixel]
+
+
+# `config.model.arch` -> its builder (model_cfg, image_shape, pixel_mean, out_per_pixel) -> Parts.
+BUILDERS: dict[str, Callable[..., Parts]] = {}
+
+
+def register_architecture(name: str):
+  """Decorator: makes `builder(model_cfg, image_shape, pixel_mean, out_per_pixel) -> Parts` the
+  architecture `config.model.arch=name`. The encoder's code is `model_cfg.latent_dim` wide
+  (`middle_dim` under a middle layer); the decoder gives `out_per_pixel` values per channel."""
+  def register(builder):
+    BUILDERS[name] = builder
+    return builder
+  return register
+
+
+def _widths(model_cfg) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(encoder widths, decoder widths): the decoders take their widths in the encoder's order
+  (outermost first) and reverse them."""
+  hidden = tuple(model_cfg.hidden)
+  return hidden, tuple(reversed(model_cfg.decoder_hidden)) or hidden
+
+
+def _layers(model_cfg):
+  """(activation, compute dtype, kernel initializer) of `model_cfg`."""
+  return (ACTIVATIONS[model_cfg.activation], jnp.dtype(model_cfg.compute_dtype),
+          KERNEL_INITS[model_cfg.kernel_init])
+
+
+@register_architecture("mlp")
+def _mlp(model_cfg, image_shape, pixel_mean, out_per_pixel) -> Parts:
+  act, dtype, kernel_init = _layers(model_cfg)
+  hidden, decoder_hidden = _widths(model_cfg)
+  # With a middle layer, this encoder's code is h1 (see HierarchicalVAE).
+  encoder = MLPEncoder(hidden, model_cfg.middle_dim or model_cfg.latent_dim, act, dtype,
+                       kernel_init)
+  bias_init = nn.initializers.zeros_init()
+  if model_cfg.output_bias_init == "data_mean":
+    if pixel_mean is None:
+      raise ValueError("model.output_bias_init='data_mean' needs the training split's mean "
+                       "image: pass pixel_mean=data.pixel_mean(train_images, binarize)")
+    bias = output_bias(model_cfg, pixel_mean).ravel()
+    bias_init = lambda key, shape, dtype=jnp.float32: jnp.asarray(bias, dtype).reshape(shape)
+  return Parts(encoder, MLPDecoder(decoder_hidden, tuple(image_shape), out_per_pixel, act, dtype,
+                                   kernel_init, bias_init))
+
+
+@register_architecture("conv")
+def _conv(model_cfg, image_shape, pixel_mean, out_per_pixel) -> Parts:
+  del pixel_mean
+  act, dtype, kernel_init = _layers(model_cfg)
+  hidden, decoder_hidden = _widths(model_cfg)
+  channels = tuple(model_cfg.conv_channels)
+  return Parts(ConvEncoder(channels, hidden, model_cfg.latent_dim, act, dtype, kernel_init),
+               ConvDecoder(channels, decoder_hidden, tuple(image_shape), out_per_pixel, act,
+                           dtype, kernel_init))
+
+
+@register_architecture("locatello")
+def _locatello(model_cfg, image_shape, pixel_mean, out_per_pixel) -> Parts:
+  del pixel_mean
+  act, dtype, kernel_init = _layers(model_cfg)
+  _check_locatello_shape(image_shape)
+  encoder = ConvEncoder(tuple(ch for ch, _ in LOCATELLO_CONVS), (LOCATELLO_DENSE,),
+                        model_cfg.latent_dim, act, dtype, kernel_init,
+                        tuple(k for _, k in LOCATELLO_CONVS))
+  return Parts(encoder, LocatelloDecoder(tuple(image_shape), out_per_pixel, act, dtype,
+                                         kernel_init))
+
+
 def make_model(model_cfg, image_shape: Sequence[int], pixel_mean: np.ndarray | None = None) -> VAE:
-  """Builds the VAE a `config.model` describes for images of `image_shape` (H, W, C).
+  """Builds the VAE a `config.model` describes for images of `image_shape` (H, W, C), from the
+  encoder and decoder of its `arch` (`BUILDERS`).
 
   pixel_mean: f32[H, W, C], the training split's mean image in [0, 1] (`data.pixel_mean`);
   needed by `model.output_bias_init="data_mean"` only.
   """
-  act = ACTIVATIONS[model_cfg.activation]
-  dtype = jnp.dtype(model_cfg.compute_dtype)
-  hidden = tuple(model_cfg.hidden)
-  kernel_init = KERNEL_INITS[model_cfg.kernel_init]
-  # The decoders take their widths in the encoder's order (outermost first) and reverse them.
-  decoder_hidden = tuple(reversed(model_cfg.decoder_hidden)) or hidden
   out_per_pixel = 2 if model_cfg.likelihood == "discretized_logistic" else 1
-  if model_cfg.arch == "mlp":
-    # With a middle layer, this encoder's code is h1 (see HierarchicalVAE).
-    encoder = MLPEncoder(hidden, model_cfg.middle_dim or model_cfg.latent_dim, act, dtype,
-                         kernel_init)
-    bias_init = nn.initializers.zeros_init()
-    if model_cfg.output_bias_init == "data_mean":
-      if pixel_mean is None:
-        raise ValueError("model.output_bias_init='data_mean' needs the training split's mean "
-                         "image: pass pixel_mean=data.pixel_mean(train_images, binarize)")
-      bias = output_bias(model_cfg, pixel_mean).ravel()
-      bias_init = lambda key, shape, dtype=jnp.float32: jnp.asarray(bias, dtype).reshape(shape)
-    decoder = MLPDecoder(decoder_hidden, tuple(image_shape), out_per_pixel, act, dtype,
-                         kernel_init, bias_init)
-  elif model_cfg.arch == "locatello":
-    _check_locatello_shape(image_shape)
-    encoder = ConvEncoder(tuple(ch for ch, _ in LOCATELLO_CONVS), (LOCATELLO_DENSE,),
-                          model_cfg.latent_dim, act, dtype, kernel_init,
-                          tuple(k for _, k in LOCATELLO_CONVS))
-    decoder = LocatelloDecoder(tuple(image_shape), out_per_pixel, act, dtype, kernel_init)
-  else:
-    channels = tuple(model_cfg.conv_channels)
-    encoder = ConvEncoder(channels, hidden, model_cfg.latent_dim, act, dtype, kernel_init)
-    decoder = ConvDecoder(channels, decoder_hidden, tuple(image_shape), out_per_pixel, act,
-                          dtype, kernel_init)
+  parts = BUILDERS[model_cfg.arch](model_cfg, image_shape, pixel_mean, out_per_pixel)
   head = (tuple(image_shape), model_cfg.likelihood, model_cfg.obs_scale, model_cfg.obs_sigma,
           model_cfg.log_scale_bound, model_cfg.decoder_mean)
   if model_cfg.middle_dim:
     # x -> hidden -> h1 (middle_dim) -> middle_hidden -> h2 (latent_dim), mirrored back down.
+    act, dtype, kernel_init = _layers(model_cfg)
     middle = tuple(model_cfg.middle_hidden)
     upper_encoder = MLPEncoder(middle, model_cfg.latent_dim, act, dtype, kernel_init)
     upper_decoder = MLPEncoder(tuple(reversed(middle)), model_cfg.middle_dim, act, dtype,
                                kernel_init)
-    return HierarchicalVAE(encoder, decoder, *head, upper_encoder=upper_encoder,
+    return HierarchicalVAE(*parts, *head, upper_encoder=upper_encoder,
                            upper_decoder=upper_decoder)
-  return VAE(encoder, decoder, *head)
+  return VAE(*parts, *head)
 
 
 def _check_locatello_shape(image_shape: Sequence[int]) -> None:

@@ -466,3 +466,21 @@ def test_a_mid_period_save_logs_no_orbax_warning(tmp_path, caplog):
     checkpoint.close(manager)
   assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()]
   assert os.path.isdir(tmp_path / "checkpoints" / "1")
+
+
+def test_a_checkpoint_from_before_named_groups_restores_into_the_vae_group(tmp_path):
+  """Before parameter groups had names, the state held the model's parameters and one
+  optimizer state directly: such a checkpoint restores into the group "vae", bitwise."""
+  _, exp, keys, state = _model_state(steps=1)
+  old = state.replace(params=state.params["vae"], opt_state=state.opt_state["vae"])
+  manager = checkpoint.make_manager(str(tmp_path), keep=2)
+  checkpoint.save(manager, 1, {"state": old, "keys": keys.as_dict()},
+                  {"epoch": 0, "step_in_epoch": 1, "sums": {}})
+  checkpoint.close(manager)
+  manager = checkpoint.make_manager(str(tmp_path), keep=2)
+  with pytest.raises(checkpoint.CheckpointError, match="state.params.vae.params.encoder"):
+    checkpoint.restore(manager, 1, _template(exp, keys))  # no legacy layout given
+  step, tree, _ = checkpoint.restore_latest(manager, _template(exp, keys),
+                                            legacy=exp.legacy_checkpoint(keys))
+  assert step == 1 and _bitwise_equal(tree["state"], state)
+  manager.close()
