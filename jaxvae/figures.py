@@ -21,15 +21,13 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from jaxvae import data, distributions, evaluate, loops, models, parallel, sample  # noqa: E402
-from jaxvae import restore  # noqa: E402
+from jaxvae import baselines, data, figure_data, metrics, restore  # noqa: E402
 
 DPI = 100
 FIGSIZES = {  # inches (width, height)
@@ -51,15 +49,6 @@ FIGSIZES = {  # inches (width, height)
 }
 FACTOR_FIGURES = ("factor_traversals", "factor_traversals_animated")  # data with factor labels
 SWEEP_FIGURES = ("sweep",)  # drawn by --sweep from several runs, never by one run
-NUM_RECONSTRUCTIONS = 10
-PRIOR_GRID = 8          # an 8 x 8 grid of prior samples
-NEIGHBOURS = (6, 8)     # 6 test images, 8 neighbours each
-NEIGHBOUR_SCALE = 0.1   # the paper's z + 0.1 * noise
-INTERP_PAIRS, INTERP_STEPS = 4, 10
-TRAVERSAL_DIMS = 8
-TRAVERSAL_VALUES = np.linspace(-3.0, 3.0, 9)  # in units of the prior's standard deviation
-FACTOR_TRAVERSAL_DIMS = 16  # rows of the factor traversals at most: the dims of largest KL
-FACTOR_TRAVERSAL_VALUES = np.linspace(-2.5, 2.5, 11)
 GIF_FRAME_MS = 250
 
 
@@ -181,7 +170,7 @@ def plot_latent_2d(means: np.ndarray, labels: np.ndarray, class_names, out_dir: 
   the means themselves when K <= 2, else their first two principal components."""
   k = means.shape[1]
   if k >= 3:
-    pca = evaluate.fit_pca(means, 2)
+    pca = baselines.fit_pca(means, 2)
     xy = pca.project(means)
     share = pca.variance / pca.total_variance
     axis_names = [f"PC{i + 1} of the posterior means ({100 * s:.0f}% of variance)"
@@ -218,12 +207,12 @@ def plot_image_grid(name: str, images: np.ndarray, out_dir: str, title: str, row
 def plot_kl_per_dim(kl: np.ndarray, variance: np.ndarray, out_dir: str, title: str = "") -> str:
   """KL per latent dim f32[K] (nats, test-split mean), largest first, active units coloured."""
   order = np.argsort(kl)[::-1]
-  active = variance[order] > evaluate.ACTIVE_UNIT_THRESHOLD
+  active = variance[order] > metrics.ACTIVE_UNIT_THRESHOLD
   fig, ax = _figure("kl_per_dim")
   positions = np.arange(len(kl))
   for sel, color, label in (
       (active, "tab:blue", f"active ({active.sum()}): Cov_x E_q[z_j] > "
-                           f"{evaluate.ACTIVE_UNIT_THRESHOLD}"),
+                           f"{metrics.ACTIVE_UNIT_THRESHOLD}"),
       (~active, "tab:gray", f"inactive ({(~active).sum()})")):
     if sel.any():
       ax.bar(positions[sel], kl[order][sel], color=color, label=label)
@@ -262,15 +251,6 @@ def plot_kl_per_dim_training(rows: list[dict], out_dir: str, run: str = "") -> s
   ax.set_title(_title(run, rows[-1]["epoch"], f"KL per latent dim over training, {kl.shape[1]} "
                                               "dims"))
   return _save(fig, out_dir, "kl_per_dim_training")
-
-
-def factor_labels(mutual_info: np.ndarray, active: np.ndarray, factor_names) -> list[str]:
-  """What each latent dim captures best: "factor (MI x.xx nats)" for the factor of largest
-  binned MI with it (mutual_info f[K, F] nats, ties to the first factor), "—" for an inactive
-  dim (active bool[K])."""
-  best = np.argmax(mutual_info, axis=1)
-  return [f"{factor_names[f]} (MI {mutual_info[k, f]:.2f} nats)" if active[k] else "\u2014"
-          for k, f in enumerate(best)]
 
 
 def plot_factor_traversals(grid: np.ndarray, row_labels, values, original: np.ndarray,
@@ -383,7 +363,7 @@ def plot_sweep(workdirs, out_dir: str) -> str:
 
 def plot_data_preview(ds: data.Dataset, out_dir: str, rows: int = 4, cols: int = 8) -> str:
   """Paper Figure 14: the first training images of each class in turn, labelled (figures/data.png)."""
-  shown = _spread(ds.train.labels, rows * cols)
+  shown = figure_data.spread(ds.train.labels, rows * cols)
   fig, axes = plt.subplots(rows, cols, figsize=FIGSIZES["data"], layout="constrained")
   for ax, i in zip(axes.flat, shown):
     image = ds.train.images[i].astype(np.float32) / 255.0
@@ -398,43 +378,12 @@ def plot_data_preview(ds: data.Dataset, out_dir: str, rows: int = 4, cols: int =
   return _save(fig, out_dir, "data")
 
 
-def tensorboard_images(model, params, ds: data.Dataset, config, key) -> dict[str, np.ndarray]:
-  """What TensorBoard shows at each evaluation, f32[N, H, W, C] in [0, 1] each: test images
-  beside their reconstructions from the posterior mean, and prior samples (the eval `key`)."""
-  streams = evaluate.stream_keys(key)
-  shown = _spread(ds.test.labels, NUM_RECONSTRUCTIONS)
-  originals, x = evaluate.model_inputs(ds.test.images[shown], shown, streams.binarize,
-                                       config.data.binarize)
-  recon = sample.reconstruct_mean(model, params, x)
-  prior = sample.prior_samples(model, params, jax.random.split(streams.figures, 3)[1],
-                               NUM_RECONSTRUCTIONS)
-  return {"test_and_reconstruction": np.concatenate([originals, recon], axis=2),
-          "prior_samples": np.asarray(prior)}
-
-
 @dataclasses.dataclass
-class _Scene:
-  """What the figures of one checkpoint draw from: its model and data, the fixed eval key's
-  streams, and the test split's posterior statistics."""
-  model: models.VAE
-  params: object
-  ds: data.Dataset
-  config: object
-  key: jax.Array        # the eval key
-  out: str              # the figures folder
+class _Canvas:
+  """Where one checkpoint's figures go and how their titles name it."""
+  out: str    # the figures folder
   run: str
   epoch: int | float
-  means: np.ndarray     # f32[N, K] posterior means of the test split
-  kl_dim: np.ndarray    # f32[K] KL per latent dim, test mean (nats)
-  variance: np.ndarray  # f32[K] variance of the posterior means over the test split
-  shown: np.ndarray     # int32[NUM_RECONSTRUCTIONS] test images that visit every class
-
-  @property
-  def streams(self) -> evaluate.Streams:
-    return evaluate.stream_keys(self.key)
-
-  def decode(self, z) -> np.ndarray:
-    return np.asarray(sample.decode_mean(self.model, self.params, z))
 
   def title(self, what: str) -> str:
     return _title(self.run, self.epoch, what)
@@ -442,133 +391,88 @@ class _Scene:
 
 def draw_training_figures(workdir, model, params, ds: data.Dataset, config, key) -> list[str]:
   """Every figure of a run into WORKDIR/figures/: the metrics.jsonl curves, and the decoded
-  images and latent statistics of `params`, all drawn from the fixed eval `key`; for data with
-  factor labels also `FACTOR_FIGURES`."""
+  images and latent statistics of `params` (`jaxvae.figure_data`), all drawn from the fixed
+  eval `key`; for data with factor labels also `FACTOR_FIGURES`."""
   rows = read_metrics(workdir)
   run = os.path.basename(os.path.abspath(workdir))
-  out = os.path.join(workdir, "figures")
-  mesh = parallel.make_mesh(local=True)
-  means, kl = evaluate.posterior_stats(model, params, ds.test.images, key, config.data.binarize,
-                                       config.eval.batch_size, mesh, loops.resolve(config, mesh, model))
-  scene = _Scene(model, params, ds, config, key, out, run, rows[-1]["epoch"], means,
-                 kl.mean(axis=0), evaluate.active_units(means)[1],
-                 _spread(ds.test.labels, NUM_RECONSTRUCTIONS))
-  paths = [plot_loss(rows, out, run), plot_ssim(rows, out, run)]
+  canvas = _Canvas(os.path.join(workdir, "figures"), run, rows[-1]["epoch"])
+  scene = figure_data.scene(model, params, ds, config, key)
+  paths = [plot_loss(rows, canvas.out, run), plot_ssim(rows, canvas.out, run)]
   if any("test/kl_per_dim_nats" in r for r in rows):  # not in runs logged before it existed
-    paths.append(plot_kl_per_dim_training(rows, out, run))
-  paths += _encoding_figures(scene) + _walk_figures(scene)
+    paths.append(plot_kl_per_dim_training(rows, canvas.out, run))
+  paths += _encoding_figures(scene, canvas) + _walk_figures(scene, canvas)
   if ds.train.factors is not None:
-    paths += _factor_figures(scene)
+    paths += _factor_figures(scene, canvas)
   return paths
 
 
-def _encoding_figures(scene: _Scene) -> list[str]:
+def _encoding_figures(s: figure_data.Scene, canvas: _Canvas) -> list[str]:
   """Figures 17-20 and the KL per dim: test images encoded and decoded again, the posterior
   means in 2-D, prior samples, and neighbourhoods of test encodings."""
-  test, streams, decode, title = scene.ds.test, scene.streams, scene.decode, scene.title
-  k_neigh, k_prior, _ = jax.random.split(streams.figures, 3)
-  # 17: test images of every class, decoded from their posterior mean and from a posterior draw.
-  originals, x = evaluate.model_inputs(test.images[scene.shown], scene.shown, streams.binarize,
-                                       scene.config.data.binarize)
-  mean, log_scale = scene.model.apply(scene.params, x, method="encode")
-  z = distributions.sample_diag_gaussian(streams.elbo, mean, log_scale)[0]
-  paths = [plot_reconstructions(np.asarray(originals), decode(mean), decode(z), scene.out,
+  title, out = canvas.title, canvas.out
+  paths = [plot_reconstructions(*figure_data.reconstructions(s), out,
                                 title("test images and reconstructions"))]
-  paths.append(plot_latent_2d(scene.means, test.labels, scene.ds.class_names, scene.out,
-                              title(f"posterior means of {len(scene.means)} test images")))
-  prior = np.asarray(sample.prior_samples(scene.model, scene.params, k_prior, PRIOR_GRID ** 2))
+  paths.append(plot_latent_2d(s.means, s.ds.test.labels, s.ds.class_names, out,
+                              title(f"posterior means of {len(s.means)} test images")))
   paths.append(plot_image_grid(
-      "fig19_prior_samples", prior.reshape((PRIOR_GRID, PRIOR_GRID) + prior.shape[1:]),
-      scene.out, title("decoded samples z ~ N(0, I)\n(means of p(x|z), pixels in [0, 1])")))
-  rows_n, cols_n = min(NEIGHBOURS[0], len(scene.shown)), NEIGHBOURS[1]
-  centres = scene.means[scene.shown[:rows_n]]
-  neigh = np.asarray(sample.neighbourhood(scene.model, scene.params, k_neigh, centres, cols_n,
-                                          NEIGHBOUR_SCALE))
-  grid = np.concatenate([np.asarray(originals[:rows_n])[:, None], decode(centres)[:, None],
-                         neigh], axis=1)
+      "fig19_prior_samples", figure_data.prior_grid(s), out,
+      title("decoded samples z ~ N(0, I)\n(means of p(x|z), pixels in [0, 1])")))
+  grid = figure_data.neighbourhood_grid(s)
+  scale = figure_data.NEIGHBOUR_SCALE
   paths.append(plot_image_grid(
-      "fig20_neighbourhood", grid, scene.out,
-      title(f"neighbourhood of test encodings: decoded z + {NEIGHBOUR_SCALE} * eps"),
-      col_labels=["original", "z = mean"] + [f"#{i + 1}" for i in range(cols_n)]))
-  kl_dim, variance = scene.kl_dim, scene.variance
+      "fig20_neighbourhood", grid, out,
+      title(f"neighbourhood of test encodings: decoded z + {scale} * eps"),
+      col_labels=["original", "z = mean"] + [f"#{i + 1}" for i in range(grid.shape[1] - 2)]))
+  active = int((s.variance > metrics.ACTIVE_UNIT_THRESHOLD).sum())
   paths.append(plot_kl_per_dim(
-      kl_dim, variance, scene.out,
-      title(f"KL per latent dim, total {kl_dim.sum():.2f} nats; "
-            f"{int((variance > evaluate.ACTIVE_UNIT_THRESHOLD).sum())}/{len(kl_dim)} "
-            "active units")))
+      s.kl_dim, s.variance, out,
+      title(f"KL per latent dim, total {s.kl_dim.sum():.2f} nats; "
+            f"{active}/{len(s.kl_dim)} active units")))
   return paths
 
 
-def _walk_figures(scene: _Scene) -> list[str]:
-  """Walks through the latent space: interpolations between test pairs, and traversals of the
-  dims with the largest KL."""
-  test, means, title = scene.ds.test, scene.means, scene.title
-  # Interpolations between posterior means of test pairs, preferring pairs of different classes.
-  pairs = _pairs(test.labels, INTERP_PAIRS, jax.random.split(scene.streams.figures, 3)[2])
-  col_labels = ["A"] + [f"{t:.2f}" for t in np.linspace(0, 1, INTERP_STEPS)] + ["B"]
+def _walk_figures(s: figure_data.Scene, canvas: _Canvas) -> list[str]:
+  """Walks through the latent space: interpolations between test pairs (preferring pairs of
+  different classes), and traversals of the dims with the largest KL."""
+  test, names = s.ds.test, s.ds.class_names
+  between = figure_data.interpolation_pairs(s)
+  steps = figure_data.INTERP_STEPS
+  col_labels = ["A"] + [f"{t:.2f}" for t in np.linspace(0, 1, steps)] + ["B"]
   paths = []
-  for kind, fn in (("linear", sample.lerp), ("spherical", sample.slerp)):
-    path_z = fn(means[pairs[:, 0]], means[pairs[:, 1]], INTERP_STEPS)
-    ends = [np.asarray(data.to_unit_interval(test.images[pairs[:, i]], None))[:, None]
-            for i in (0, 1)]
-    grid = np.concatenate([ends[0], scene.decode(path_z), ends[1]], axis=1)
+  for kind in ("linear", "spherical"):
     paths.append(plot_image_grid(
-        f"interpolation_{kind}", grid, scene.out,
-        title(f"{kind} interpolation between posterior means of test images A, B"),
-        row_labels=[f"{scene.ds.class_names[test.labels[a]]} -> "
-                    f"{scene.ds.class_names[test.labels[b]]}" for a, b in pairs],
+        f"interpolation_{kind}", figure_data.interpolation_grid(s, kind, between), canvas.out,
+        canvas.title(f"{kind} interpolation between posterior means of test images A, B"),
+        row_labels=[f"{names[test.labels[a]]} -> {names[test.labels[b]]}" for a, b in between],
         col_labels=col_labels, xlabel="t (A at 0, B at 1); outer columns: the originals"))
-  kl_dim, centre = scene.kl_dim, scene.shown[0]
-  dims = np.argsort(kl_dim)[::-1][:TRAVERSAL_DIMS]
-  trav = scene.decode(sample.traversal(means[centre], [int(d) for d in dims], TRAVERSAL_VALUES))
+  dims = figure_data.largest_kl_dims(s, figure_data.TRAVERSAL_DIMS)
+  values = figure_data.TRAVERSAL_VALUES
   paths.append(plot_image_grid(
-      "latent_traversals", trav, scene.out,
-      title(f"latent traversals of the dims with the largest KL, around test image {centre}"),
-      row_labels=[f"z{d}\nKL {kl_dim[d]:.2f} nats" for d in dims],
-      col_labels=[f"{v:+.1f}" for v in TRAVERSAL_VALUES],
+      "latent_traversals", figure_data.traversal_grid(s, dims, values), canvas.out,
+      canvas.title("latent traversals of the dims with the largest KL, around test image "
+                   f"{s.shown[0]}"),
+      row_labels=[f"z{d}\nKL {s.kl_dim[d]:.2f} nats" for d in dims],
+      col_labels=[f"{v:+.1f}" for v in values],
       xlabel="value of the traversed dim (prior standard deviations); other dims at the "
              "posterior mean"))
   return paths
 
 
-def _factor_figures(scene: _Scene) -> list[str]:
+def _factor_figures(s: figure_data.Scene, canvas: _Canvas) -> list[str]:
   """`FACTOR_FIGURES`: traversals of every dim (up to FACTOR_TRAVERSAL_DIMS, by KL) around one
   test image, each row labelled with the factor its dim holds most information about."""
-  ds, kl_dim = scene.ds, scene.kl_dim
-  mi = evaluate.factor_mutual_info(scene.model, scene.params, scene.config, ds, scene.key,
-                                   parallel.make_mesh(local=True))
-  labels = factor_labels(mi, scene.variance > evaluate.ACTIVE_UNIT_THRESHOLD, ds.factor_names)
-  dims = np.argsort(kl_dim)[::-1][:FACTOR_TRAVERSAL_DIMS]
-  centre = scene.shown[0]
-  grid = scene.decode(sample.traversal(scene.means[centre], [int(d) for d in dims],
-                                       FACTOR_TRAVERSAL_VALUES))
-  dims_shown = ("every latent dim" if len(dims) == len(kl_dim)
-                else f"the {len(dims)} of {len(kl_dim)} latent dims of largest KL")
-  original = np.asarray(data.to_unit_interval(ds.test.images[centre], None))
+  labels = figure_data.factor_of_each_dim(s)
+  dims = figure_data.largest_kl_dims(s, figure_data.FACTOR_TRAVERSAL_DIMS)
+  values, centre = figure_data.FACTOR_TRAVERSAL_VALUES, s.shown[0]
+  grid = figure_data.traversal_grid(s, dims, values)
+  dims_shown = ("every latent dim" if len(dims) == len(s.kl_dim)
+                else f"the {len(dims)} of {len(s.kl_dim)} latent dims of largest KL")
+  original = np.asarray(data.to_unit_interval(s.ds.test.images[centre], None))
   return plot_factor_traversals(
-      grid, [f"z{d}  KL {kl_dim[d]:.2f}\n{labels[d]}" for d in dims], FACTOR_TRAVERSAL_VALUES,
-      original, scene.out,
-      scene.title(f"traversals of {dims_shown} around test image {centre}\neach labelled with "
-                  "the factor it shares the most information with (binned MI, nats)"))
-
-
-def _spread(labels: np.ndarray, num: int) -> np.ndarray:
-  """`num` indices int32[num] that visit every class in turn (the first image of each class,
-  then the second, ...), so figures do not show one class of a split stored sorted by class."""
-  rank = np.zeros(len(labels), np.int64)
-  for c in np.unique(labels):
-    rank[labels == c] = np.arange(np.sum(labels == c))
-  order = np.lexsort((labels, rank))  # by rank within its class, then by class
-  return order[:num].astype(np.int32)
-
-
-def _pairs(labels: np.ndarray, num: int, key: jax.Array) -> np.ndarray:
-  """`num` random pairs of indices int[num, 2], the second of another class where one exists."""
-  first_key, second_key = jax.random.split(key)
-  first = np.asarray(jax.random.choice(first_key, len(labels), (num,), replace=num > len(labels)))
-  score = np.asarray(jax.random.uniform(second_key, (num, len(labels))))
-  score = score + (labels[None, :] != labels[first][:, None])  # other classes win the argmax
-  return np.stack([first, score.argmax(axis=1)], axis=1)
+      grid, [f"z{d}  KL {s.kl_dim[d]:.2f}\n{labels[d]}" for d in dims], values, original,
+      canvas.out,
+      canvas.title(f"traversals of {dims_shown} around test image {centre}\neach labelled with "
+                   "the factor it shares the most information with (binned MI, nats)"))
 
 
 def main(argv):

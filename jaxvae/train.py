@@ -22,7 +22,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from jaxvae import checkpoint, data, evaluate, experiment, figures, loops, optim, parallel, rundir
+from jaxvae import checkpoint, data, evaluate, experiment, figure_data, figures, loops, optim
+from jaxvae import parallel, rundir
 from jaxvae import config as config_lib
 from jaxvae.state import VAE_GROUP, Keys, TrainState
 
@@ -484,7 +485,8 @@ def _end_period(training: _Training, state: TrainState, keys: Keys, sums: dict, 
                                         and evaluation % config.figures_every == 0)):
       figures.draw_training_figures(training.workdir, training.experiment.model, params, training.ds, config, key)
     if training.log.tensorboard:
-      training.log.images(step, figures.tensorboard_images(training.experiment.model, params, training.ds, config, key))
+      training.log.images(step, figure_data.tensorboard_images(training.experiment.model, params,
+                                                                training.ds, config, key))
   return row
 
 

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from conftest import convolutions_in_loops, tiny_conv_config, tiny_digits_config
-from jaxvae import data, distributions, evaluate, models, parallel
+from jaxvae import baselines, data, distributions, evaluate, metrics, models, parallel, report
 from jaxvae.objectives import iwae as iwae_lib
 from jaxvae import restore, rundir
 from jaxvae import train as train_lib
@@ -207,7 +207,7 @@ def _smooth_images(n, h, w, c, seed=0):
   return ((out - out.min()) / (out.max() - out.min())).astype(np.float32)
 
 
-@pytest.mark.parametrize("metric", [evaluate.ssim, evaluate.paper_ssim])
+@pytest.mark.parametrize("metric", [metrics.ssim, metrics.paper_ssim])
 @pytest.mark.parametrize("shape", [(8, 8, 1), (32, 32, 3)])
 def test_ssim_is_one_for_identical_images_and_falls_with_noise(metric, shape):
   x = jnp.asarray(_smooth_images(4, *shape))
@@ -224,10 +224,10 @@ def test_ssim_is_one_for_identical_images_and_falls_with_noise(metric, shape):
 def test_ssim_outside_a_loop_is_dm_pix_ssim_with_its_own_convolutions(shape):
   x = jnp.asarray(_smooth_images(3, *shape, seed=3))
   y = jnp.clip(x + 0.15 * jax.random.normal(jax.random.key(4), x.shape), 0, 1)
-  size, sigma = evaluate.ssim_filter(*shape[:2])
+  size, sigma = metrics.ssim_filter(*shape[:2])
   convolved = dm_pix.ssim(x, y, max_val=1.0, filter_size=size, filter_sigma=sigma)
-  np.testing.assert_array_equal(evaluate.ssim(x, y, in_loop=True), convolved)
-  np.testing.assert_allclose(evaluate.ssim(x, y), convolved, atol=1e-5)
+  np.testing.assert_array_equal(metrics.ssim(x, y, in_loop=True), convolved)
+  np.testing.assert_allclose(metrics.ssim(x, y), convolved, atol=1e-5)
 
 
 def test_paper_ssim_matches_scikit_image_with_its_old_defaults():
@@ -236,7 +236,7 @@ def test_paper_ssim_matches_scikit_image_with_its_old_defaults():
   for shape in ((8, 8, 1), (28, 28, 1), (32, 32, 3)):
     x = _smooth_images(3, *shape, seed=1)
     y = np.clip(x + 0.15 * np.random.default_rng(2).normal(size=x.shape), 0, 1).astype(np.float32)
-    ours = np.asarray(evaluate.paper_ssim(jnp.asarray(x), jnp.asarray(y)))
+    ours = np.asarray(metrics.paper_ssim(jnp.asarray(x), jnp.asarray(y)))
     theirs = [skimage_metrics.structural_similarity(a, b, win_size=7, data_range=2,
                                                     channel_axis=-1) for a, b in zip(x, y)]
     np.testing.assert_allclose(ours, theirs, atol=2e-5)
@@ -245,7 +245,7 @@ def test_paper_ssim_matches_scikit_image_with_its_old_defaults():
 def test_paper_ssim_refuses_images_smaller_than_its_window():
   x = jnp.zeros((1, 6, 6, 1))
   with pytest.raises(ValueError, match="7x7"):
-    evaluate.paper_ssim(x, x)
+    metrics.paper_ssim(x, x)
 
 
 # ----------------------------------------------------------------------------- latents
@@ -255,9 +255,9 @@ def test_active_units_counts_a_planted_collapsed_dimension():
   rng = np.random.default_rng(0)
   means = rng.normal(size=(500, 5))
   means[:, 2] = 0.3 + 0.01 * rng.normal(size=500)  # variance 1e-4: collapsed
-  count, variance = evaluate.active_units(means)
+  count, variance = metrics.active_units(means)
   assert count == 4
-  assert variance[2] < evaluate.ACTIVE_UNIT_THRESHOLD < np.delete(variance, 2).min()
+  assert variance[2] < metrics.ACTIVE_UNIT_THRESHOLD < np.delete(variance, 2).min()
 
 
 def test_collapsing_a_trained_dimension_removes_one_active_unit(trained):
@@ -266,7 +266,7 @@ def test_collapsing_a_trained_dimension_removes_one_active_unit(trained):
       run.model, params, run.dataset.test.images, run.keys.eval, run.config.data.binarize, 100,
       mesh, "scan")
   means, kl = stats_of(run.params)
-  count, _ = evaluate.active_units(means)
+  count, _ = metrics.active_units(means)
   j = int(np.argmax(kl.mean(0)))
   # Both heads of dim j output 0 for every input: q(z_j|x) = N(0, 1), the prior.
   params = jax.tree.map(lambda v: v, run.params)
@@ -275,7 +275,7 @@ def test_collapsing_a_trained_dimension_removes_one_active_unit(trained):
     layer["kernel"] = layer["kernel"].at[:, j].set(0.0)
     layer["bias"] = layer["bias"].at[j].set(0.0)
   collapsed_means, collapsed_kl = stats_of(params)
-  assert evaluate.active_units(collapsed_means)[0] == count - 1
+  assert metrics.active_units(collapsed_means)[0] == count - 1
   assert np.all(collapsed_kl[:, j] == 0)
   np.testing.assert_array_equal(np.delete(collapsed_kl, j, 1), np.delete(kl, j, 1))
 
@@ -297,20 +297,20 @@ def test_pca_matches_scikit_learn_and_is_exact_at_full_rank():
   rng = np.random.default_rng(0)
   x = (rng.normal(size=(300, 3)) @ rng.normal(size=(3, 12)) * 4
        + rng.normal(size=(300, 12)) * 0.1).astype(np.float32)
-  ours = evaluate.fit_pca(x, 3, chunk=64)  # chunked accumulation across uneven chunks
+  ours = baselines.fit_pca(x, 3, chunk=64)  # chunked accumulation across uneven chunks
   theirs = SkPCA(3).fit(x)
   np.testing.assert_allclose(np.abs(ours.components @ theirs.components_.T), np.eye(3), atol=1e-4)
   np.testing.assert_allclose(ours.variance, theirs.explained_variance_ * 299 / 300, rtol=1e-4)
   np.testing.assert_allclose(ours.reconstruct(x), theirs.inverse_transform(theirs.transform(x)),
                              atol=1e-3)
-  full = evaluate.fit_pca(x, 50)  # k capped at D = 12: reconstruction is the identity
+  full = baselines.fit_pca(x, 50)  # k capped at D = 12: reconstruction is the identity
   assert full.components.shape == (12, 12) and full.explained_fraction == pytest.approx(1.0)
   np.testing.assert_allclose(full.reconstruct(x), x, atol=1e-3)
 
 
 def test_pca_baseline_improves_with_k():
   ds = data.load(tiny_digits_config().data)
-  scores = [evaluate.pca_baseline(ds.train.images, ds.test.images, k, 100) for k in (2, 8, 64)]
+  scores = [baselines.pca_baseline(ds.train.images, ds.test.images, k, 100) for k in (2, 8, 64)]
   assert [s["k"] for s in scores] == [2, 8, 64]
   assert scores[0]["recon_mse"] > scores[1]["recon_mse"] > scores[2]["recon_mse"]
   assert scores[0]["recon_ssim"] < scores[1]["recon_ssim"] < scores[2]["recon_ssim"]
@@ -321,12 +321,12 @@ def test_pca_baseline_fits_on_a_random_subset_of_a_large_split(monkeypatch):
   ds = data.load(tiny_digits_config().data)
   # Sorted by class, as dSprites' grid is by factor: the first 400 rows alone would miss classes.
   train = ds.train.images[np.argsort(ds.train.labels, kind="stable")]
-  fitted, fit = [], evaluate.fit_pca
+  fitted, fit = [], baselines.fit_pca
   monkeypatch.setattr(evaluate, "fit_pca", lambda rows, *a, **kw: fitted.append(rows) or fit(
       rows, *a, **kw))
-  full = evaluate.pca_baseline(train, ds.test.images, 8, 100)
+  full = baselines.pca_baseline(train, ds.test.images, 8, 100)
   monkeypatch.setattr(evaluate, "PCA_FIT_IMAGES", 400)
-  subset = evaluate.pca_baseline(train, ds.test.images, 8, 100)
+  subset = baselines.pca_baseline(train, ds.test.images, 8, 100)
   assert [len(rows) for rows in fitted] == [len(train), 400]
   row_of = {row.tobytes(): i for i, row in enumerate(train.reshape(len(train), -1))}
   picked = [row_of[row.tobytes()] for row in fitted[1]]
@@ -377,5 +377,5 @@ def test_evaluate_run_labels_every_number(trained):
   for key in vae:
     assert key in described or any(
         pattern.strip("*") in key for pattern in described if "*" in pattern), key
-  table = evaluate.format_table(first)
+  table = report.format_table(first)
   assert "PCA k=4" in table and "IWAE K=50" in table and "paper protocol" in table

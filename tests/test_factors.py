@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, tiny_sprites_config
-from jaxvae import evaluate, figures, sprites
+from jaxvae import evaluate, figure_data, figures, metrics, report, sprites
 from jaxvae import restore, rundir
 from jaxvae import train as train_lib
 
@@ -48,7 +48,7 @@ def evaluated(sprites_run):
     patch.setattr(evaluate, "pca_baseline", no_pca)
     result = evaluate.evaluate_run(run, iw_samples=3, name="sprites")
   (sprites_run / "eval.json").write_text(json.dumps(result, indent=2))
-  return json.loads((sprites_run / "eval.json").read_text()), evaluate.report(result)
+  return json.loads((sprites_run / "eval.json").read_text()), report.report(result)
 
 
 def _pixels(path) -> np.ndarray:
@@ -99,7 +99,7 @@ def test_training_draws_the_factor_figures(sprites_run):
     assert pixels.shape[:2] == (round(h * figures.DPI), round(w * figures.DPI)), name
   w, h = figures.FIGSIZES["factor_traversals_animated"]
   with Image.open(out / "factor_traversals_animated.gif") as gif:
-    assert gif.n_frames == len(figures.FACTOR_TRAVERSAL_VALUES)
+    assert gif.n_frames == len(figure_data.FACTOR_TRAVERSAL_VALUES)
     assert gif.size == (round(w * figures.DPI), round(h * figures.DPI))
     assert gif.info["loop"] == 0
     frames = []
@@ -112,7 +112,7 @@ def test_training_draws_the_factor_figures(sprites_run):
 def test_traversal_rows_are_the_dims_by_kl_labelled_with_eval_json_mutual_info(
     traversals_drawn, evaluated):
   (grid, labels), = traversals_drawn  # drawn once, at the end of training
-  assert grid.shape == (LATENTS, len(figures.FACTOR_TRAVERSAL_VALUES), 64, 64, 1)
+  assert grid.shape == (LATENTS, len(figure_data.FACTOR_TRAVERSAL_VALUES), 64, 64, 1)
   result = evaluated[0]
   kl, mi = np.array(result["kl_per_dim_nats"]), np.array(result["factors"]["mutual_info_nats"])
   variance = np.array(result["posterior_mean_variance"])
@@ -120,13 +120,13 @@ def test_traversal_rows_are_the_dims_by_kl_labelled_with_eval_json_mutual_info(
     assert label.startswith(f"z{d}  KL {kl[d]:.2f}\n"), (label, d)
     f = int(np.argmax(mi[d]))
     expected = (f"{sprites.FACTOR_NAMES[f]} (MI {mi[d, f]:.2f} nats)"
-                if variance[d] > evaluate.ACTIVE_UNIT_THRESHOLD else "\u2014")
+                if variance[d] > metrics.ACTIVE_UNIT_THRESHOLD else "\u2014")
     assert label.endswith(expected), (label, expected)
 
 
 def test_factor_labels_name_the_most_informative_factor_or_a_dash():
   mi = np.array([[0.1, 0.9], [0.5, 0.2], [0.3, 0.3]])
-  labels = figures.factor_labels(mi, np.array([True, True, False]), ("shape", "scale"))
+  labels = figure_data.factor_labels(mi, np.array([True, True, False]), ("shape", "scale"))
   assert labels == ["scale (MI 0.90 nats)", "shape (MI 0.50 nats)", "\u2014"]
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_digits_config
-from jaxvae import evaluate, figures, parallel, sample
+from jaxvae import batching, evaluate, figure_data, figures, parallel, sample
 from jaxvae import restore, rundir
 from jaxvae import train as train_lib
 
@@ -119,13 +119,13 @@ def test_image_grid_places_images_row_by_row():
 
 def test_interpolation_pairs_cross_classes():
   labels = np.array([0, 0, 0, 1, 2, 2])
-  pairs = figures._pairs(labels, 50, jax.random.key(0))
+  pairs = figure_data.pairs(labels, 50, jax.random.key(0))
   assert np.all(labels[pairs[:, 0]] != labels[pairs[:, 1]])
 
 
 def test_shown_images_visit_every_class_of_a_sorted_split():
   labels = np.repeat(np.arange(4), 5)  # stored sorted by class, as the image-folder loader does
-  shown = figures._spread(labels, 6)
+  shown = figure_data.spread(labels, 6)
   np.testing.assert_array_equal(labels[shown], [0, 1, 2, 3, 0, 1])
   assert len(set(shown.tolist())) == 6
 
@@ -136,7 +136,7 @@ def test_drawing_again_reuses_the_compiled_encoder_pass(run_dir):
   mesh, images = parallel.make_mesh(local=True), run.dataset.test.images
   args = (run.model, run.params, images, run.keys.eval, run.config.data.binarize,
           run.config.eval.batch_size, mesh, "scan")
-  batched = evaluate._Batched(images, run.config.eval.batch_size, mesh, "scan")
+  batched = batching.Batched(images, run.config.eval.batch_size, mesh, "scan")
   program = evaluate._posterior_program(run.model, run.config.data.binarize, "scan",
                                         batched.sharding, "top")
   first = evaluate.posterior_stats(*args)

@@ -15,6 +15,7 @@ from scipy.special import logsumexp
 from configs import mnist_iwae
 from conftest import tiny_digits_config
 from jaxvae import config as config_lib
+from jaxvae import report
 from jaxvae import distributions, evaluate, models
 from jaxvae import elbo as elbo_lib
 from jaxvae.objectives import iwae as iwae_lib
@@ -212,6 +213,6 @@ def test_a_two_layer_run_trains_evaluates_and_draws(tmp_path):
   assert len(result["kl_per_dim_nats"]) == 2
   # The table and eval.json say how the two-layer figures are estimated.
   assert "h2 ~ q(h2|h1)" in result["estimators"]["elbo_nats"]
-  table = evaluate.format_table(dict(result, run="two layers"))
+  table = report.format_table(dict(result, run="two layers"))
   assert "estimated KL" in table
   assert re.search(rf"active units per layer +{bottom} \+ {top} ", table)
