@@ -613,7 +613,7 @@ def estimators(likelihood: str, binarize: str, image_shape, iw_samples: int,
 
 
 def evaluate_run(run, iw_samples: int | None = None, name: str = "") -> dict:
-  """Every metric of a restored run (`jaxvae.train.restore_run`), called `name`, on its test split.
+  """Every metric of a restored run (`jaxvae.run.restore_run`), called `name`, on its test split.
 
   Returns the eval.json dict: the run's identity, "vae" and "pca" metrics, KL per dim, the
   posterior-mean variance per dim, "estimators", seconds per stage and, when the data has

@@ -1,4 +1,4 @@
-"""Train state, the compiled epoch, and `train_and_evaluate(config, workdir)`.
+"""The train step, the compiled epoch, and `train_and_evaluate(config, workdir)`.
 
 The way a batch travels: uint8 images are put on device once; each epoch a permutation from
 fold_in(shuffle_key, epoch) orders them; a chunk of steps runs per call, as one compiled loop
