@@ -33,7 +33,7 @@ def get_config():
   config.model.likelihood = "discretized_logistic"
   config.optimizer.learning_rate = 1e-3
   config.batch_size = 64
-  config.num_epochs = 30             # the hour of the README's run (then 120 s an epoch)
+  config.num_epochs = 30             # the hour of docs/cifar10_conv.md's run (then 120 s an epoch)
   config.eval.iw_samples = 100       # each IWAE draw decodes every test image once
   config.eval.batch_size = 100       # on the 2-core CPU 1.5x faster than batches of 1000
   return config

@@ -25,7 +25,7 @@ Pace on this project's 2-core CPU, measured while other developers' jobs kept th
 at 7-14 (so each step got a fraction of the cores): 85-90 ms of CPU time per step, 0.2-0.45 s
 per step of wall time, 25 s to compile the train chunk. The same runs put a float32 step at
 44-69% of the float32 product rate measured beside it; at this CPU's unshared rate (150-180
-GFLOP/s, README's Speed) that is 35-65 ms per float32 step, and bfloat16 ran 1.45x faster:
+GFLOP/s, docs/speed.md) that is 35-65 ms per float32 step, and bfloat16 ran 1.45x faster:
 25-45 ms, i.e. 20,000 steps in 8-15 minutes plus evaluations, compiling and figures. An
 evaluation (ELBO and reconstructions of the 10,000 test images) took 13-18 s under that load,
 2-5% of the 2,000 steps between evaluations. A compiled call of 116 steps
