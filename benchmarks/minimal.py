@@ -27,6 +27,12 @@ report the ratios. Prints a table, then one JSON line:
   <impl>_s_per_pass                  that times steps_per_pass
   jaxvae_over_minimal                jaxvae's ms/step over the minimal's
   jaxvae_over_flax_example           (flax) jaxvae's ms/step over the flax example's
+  iwae_<impl>_{s,nats}               (--iwae_images) the K-draw bound over that many test images:
+                                     seconds with compiling, and the mean bound; the same draws
+                                     and initial parameters, so the nats agree to rounding
+  iwae_<impl>_ms_per_image           past compiling (the run on all images less one on a batch)
+  iwae_<impl>_s_for_10000            compiling and 10,000 images at that rate
+  iwae_jaxvae_over_minimal           the ratio of the ms per image
 """
 
 import functools
@@ -52,6 +58,9 @@ flags.DEFINE_string("data_path", None, "MNIST as an image folder or .tar.gz; ran
 flags.DEFINE_integer("num_train", 60_000, "Random training images (without --data_path).")
 flags.DEFINE_integer("steps", 0, "Time only this many steps of a pass (0: all) and scale.")
 flags.DEFINE_integer("rounds", 3, "Timed rounds, each running every implementation once.")
+flags.DEFINE_integer("iwae_images", 0, "Also time the IWAE bound (iwae setup) on this many test "
+                     "images, jaxvae's against the minimal chunked one (0: skip).")
+flags.DEFINE_integer("iwae_samples", 5000, "K of that IWAE bound.")
 
 SETUPS = {  # hidden widths, latent, activation, batch, Adam eps, binarization
     "iwae": ((200, 200), 50, "tanh", 20, 1e-4, "dynamic"),
@@ -74,13 +83,14 @@ def jaxvae_config(setup: str, data_path: str | None):
   return config
 
 
-def load_images(config, data_path: str | None, num_train: int) -> data.Split:
-  """The training split: MNIST from `data_path`, else random uint8[num_train, 28, 28, 1]."""
+def load_images(config, data_path: str | None, num_train: int) -> data.Dataset:
+  """MNIST from `data_path`, else random uint8[N, 28, 28, 1] (num_train and 1,000 test)."""
   if data_path:
-    return data.load(config.data).train
+    return data.load(config.data)
   rng = np.random.default_rng(0)
-  return data.Split(rng.integers(0, 256, (num_train, 28, 28, 1), np.uint8),
-                    np.zeros(num_train, np.int32))
+  split = lambda n: data.Split(rng.integers(0, 256, (n, 28, 28, 1), np.uint8),
+                               np.zeros(n, np.int32))
+  return data.Dataset(split(num_train), split(1000), ("0",), "random")
 
 
 # ----------------------------------------------------------------------------- minimal
@@ -210,6 +220,9 @@ def minimal_iwae(params, key, x, num_samples: int, chunk: int):
   params: jaxvae's MLP VAE parameters (read as plain arrays); the draws are keyed as jaxvae
   keys them (fold_in(key, chunk index)), so both give the same numbers to float rounding.
   """
+  if num_samples % chunk:
+    raise ValueError(f"minimal_iwae draws whole chunks: K={num_samples} is not a multiple of "
+                     f"the chunk {chunk}")
   enc, dec = params["params"]["encoder"], params["params"]["decoder"]
   dense = lambda p, h: h @ p["kernel"] + p["bias"]
   h = jnp.tanh(dense(enc["Dense_1"], jnp.tanh(dense(enc["Dense_0"], x))))
@@ -229,32 +242,43 @@ def minimal_iwae(params, key, x, num_samples: int, chunk: int):
   return lse - math.log(num_samples)
 
 
-def time_iwae(config, test: data.Split, num_samples: int) -> dict:
+def time_iwae(config, test: data.Split, num_samples: int, extrapolate_to: int = 10_000) -> dict:
   """jaxvae's `evaluate.iwae_on_split` and `minimal_iwae` on the same images, draws and
-  parameters (jaxvae's initial ones): seconds and mean bounds of each."""
+  parameters (jaxvae's initial ones): seconds and mean bounds of each.
+
+  Each runs on one batch (compiling, plus that batch) and then on all of `test`; the second
+  time less the first over the images between them is the seconds per image, and the first
+  plus that rate gives the estimate for `extrapolate_to` images.
+  """
   mesh = parallel.make_mesh()
   model = models.make_model(config.model, test.images.shape[1:],
                             data.pixel_mean(test.images, config.data.binarize))
   params = models.init_params(model, jax.random.key(1), test.images.shape[1:])
   key = jax.random.key(2)
   streams = evaluate.stream_keys(key)
-  batch, chunk = config.eval.iw_batch_size, config.eval.iw_chunk
-  one = jax.jit(functools.partial(minimal_iwae, num_samples=num_samples, chunk=chunk))
+  batch, chunk = config.eval.iw_batch_size, min(config.eval.iw_chunk, num_samples)
   index = np.arange(len(test.images), dtype=np.int32)
   _, x = evaluate.model_inputs(test.images, index, streams.binarize, config.data.binarize)
   x = x.reshape(len(x), -1)
 
-  def minimal():
+  def minimal(n):
+    one = jax.jit(functools.partial(minimal_iwae, num_samples=num_samples, chunk=chunk))
     return float(np.mean(np.concatenate([
         np.asarray(one(params, jax.random.fold_in(streams.iwae, b), x[i:i + batch]))
-        for b, i in enumerate(range(0, len(x), batch))]), dtype=np.float64))
+        for b, i in enumerate(range(0, n, batch))]), dtype=np.float64))
 
-  jaxvae = lambda: evaluate.iwae_on_split(model, params, config, test, mesh, key,
-                                          num_samples)["iwae"]
-  out = {}
+  def jaxvae(n):
+    split = data.Split(test.images[:n], test.labels[:n])
+    return evaluate.iwae_on_split(model, params, config, split, mesh, key, num_samples)["iwae"]
+
+  out, n = {}, len(test.images)
   for name, fn in (("minimal", minimal), ("jaxvae", jaxvae)):
-    nats, seconds = _timed(fn)  # compiling included: once, as the evaluate command does
-    out[f"iwae_{name}_s"], out[f"iwae_{name}_nats"] = seconds, nats
+    _, first = _timed(lambda: fn(batch))
+    out[f"iwae_{name}_nats"], seconds = _timed(lambda: fn(n))
+    per_image = (seconds - first) / (n - batch)
+    out[f"iwae_{name}_s"] = seconds
+    out[f"iwae_{name}_ms_per_image"] = per_image * 1e3
+    out[f"iwae_{name}_s_for_{extrapolate_to}"] = first + per_image * (extrapolate_to - batch)
   return out
 
 
@@ -314,7 +338,8 @@ def main(argv):
   del argv
   setup, data_path = flags.FLAGS.setup, flags.FLAGS.data_path
   config = jaxvae_config(setup, data_path)
-  split = load_images(config, data_path, flags.FLAGS.num_train)
+  ds = load_images(config, data_path, flags.FLAGS.num_train)
+  split = ds.train
   steps_per_pass = len(split.images) // config.batch_size
   steps = min(flags.FLAGS.steps or steps_per_pass, steps_per_pass)
 
@@ -368,6 +393,19 @@ def main(argv):
   print(f"  jaxvae / minimal: {result['jaxvae_over_minimal']:.2f}x")
   if setup == "flax":
     print(f"  jaxvae / flax example: {result['jaxvae_over_flax_example']:.2f}x")
+  if flags.FLAGS.iwae_images and setup == "iwae":
+    n = flags.FLAGS.iwae_images
+    result.update(iwae_images=n, iwae_samples=flags.FLAGS.iwae_samples, **time_iwae(
+        config, data.Split(ds.test.images[:n], ds.test.labels[:n]), flags.FLAGS.iwae_samples))
+    result["iwae_jaxvae_over_minimal"] = (result["iwae_jaxvae_ms_per_image"]
+                                          / result["iwae_minimal_ms_per_image"])
+    for name in ("minimal", "jaxvae"):
+      print(f"  IWAE K={flags.FLAGS.iwae_samples}, {n} test images, {name:<7}: "
+            f"{result[f'iwae_{name}_s']:.2f} s with compiling, "
+            f"{result[f'iwae_{name}_ms_per_image']:.1f} ms/image, "
+            f"{result[f'iwae_{name}_s_for_10000']:.0f} s for 10,000 (extrapolated), "
+            f"{result[f'iwae_{name}_nats']:.4f} nats")
+    print(f"  IWAE jaxvae / minimal per image: {result['iwae_jaxvae_over_minimal']:.2f}x")
   print(json.dumps(result))
 
 
