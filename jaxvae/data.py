@@ -105,12 +105,15 @@ def to_unit_interval(x: jax.Array, rng: jax.Array | None, binarize: str = "none"
 
   'threshold' maps pixels >= 128 to 1; 'dynamic' draws Bernoulli(x / 255) with `rng`.
   """
-  x = x.astype(jnp.float32) / 255.0
+  shape = x.shape
+  # Flat: XLA:CPU vectorizes along the minor axis, only C wide in [B, H, W, C] (see
+  # `distributions.pixel_rows`); the draw is the same bit for bit.
+  x = x.reshape(-1).astype(jnp.float32) / 255.0
   if binarize == "threshold":
-    return (x >= 0.5).astype(jnp.float32)
-  if binarize == "dynamic":
-    return jax.random.bernoulli(rng, x).astype(jnp.float32)
-  return x
+    x = (x >= 0.5).astype(jnp.float32)
+  elif binarize == "dynamic":
+    x = jax.random.bernoulli(rng, x).astype(jnp.float32)
+  return x.reshape(shape)
 
 
 def pixel_mean(images: np.ndarray, binarize: str) -> np.ndarray:

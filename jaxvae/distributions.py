@@ -22,6 +22,18 @@ def sum_except_batch(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], -1).sum(axis=-1)
 
 
+def pixel_rows(x: jax.Array, *params: jax.Array) -> tuple[jax.Array, ...]:
+  """x f32[B, H, W, C] and each parameter broadcastable to it as f32[B, H * W * C] rows; a
+  scalar parameter stays a scalar.
+
+  XLA:CPU vectorizes an elementwise loop along the minor axis, which in [B, H, W, C] is the
+  channel axis (1 for MNIST, 3 for CIFAR-10): MNIST's Bernoulli log-likelihood ran 4x slower
+  on [B, 28, 28, 1] than on [B, 784], with the same sums bit for bit.
+  """
+  rows = lambda v: jnp.broadcast_to(v, x.shape).reshape(x.shape[0], -1)
+  return (rows(x),) + tuple(p if jnp.ndim(p) == 0 else rows(p) for p in params)
+
+
 def soft_clamp(x: jax.Array, bound: float) -> jax.Array:
   """Smoothly maps x into (-bound, bound); close to identity near 0.
 
@@ -84,12 +96,12 @@ def gaussian_log_prob(x: jax.Array, mean: jax.Array, log_scale: jax.Array) -> ja
 
   With sigma^2 = 1/2 this is -(SSE) - (D/2) log(pi): the paper's SSE loss plus a constant.
   """
+  x, mean, log_scale = pixel_rows(x, mean, log_scale)
   u = (x - mean) * jnp.exp(-log_scale)
   # The constant terms are summed apart from the squares: one pass over the pixels less.
-  num_dims = math.prod(x.shape[1:])
-  log_norm = sum_except_batch(jnp.broadcast_to(log_scale, x.shape)) if jnp.ndim(log_scale) else (
-      num_dims * log_scale)
-  return -0.5 * sum_except_batch(jnp.square(u)) - log_norm - num_dims * _HALF_LOG_2PI
+  num_dims = x.shape[1]
+  log_norm = log_scale.sum(axis=-1) if jnp.ndim(log_scale) else num_dims * log_scale
+  return -0.5 * jnp.square(u).sum(axis=-1) - log_norm - num_dims * _HALF_LOG_2PI
 
 
 def bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
@@ -98,7 +110,8 @@ def bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
   x * l - softplus(l) equals log sigmoid(l) for x = 1 and log sigmoid(-l) for x = 0
   without forming either probability.
   """
-  return sum_except_batch(x * logits - jax.nn.softplus(logits))
+  x, logits = pixel_rows(x, logits)
+  return (x * logits - jax.nn.softplus(logits)).sum(axis=-1)
 
 
 def _log_bin_mass(log_cdf, x: jax.Array, mean: jax.Array, log_scale: jax.Array) -> jax.Array:
@@ -123,10 +136,10 @@ def _log_bin_mass(log_cdf, x: jax.Array, mean: jax.Array, log_scale: jax.Array) 
 
 
 def _binned_log_prob(log_cdf, x: jax.Array, mean: jax.Array, log_scale: jax.Array) -> jax.Array:
-  """Sums `_log_bin_mass` per example on [B, D] arrays: XLA:CPU runs the elementwise chain
-  about 10x slower on [B, H, W, C] with a minor axis of 3 channels. -> f32[B]."""
-  flat = lambda v: jnp.broadcast_to(v, x.shape).reshape(x.shape[0], -1)
-  return _log_bin_mass(log_cdf, flat(x), flat(mean), flat(log_scale)).sum(axis=-1)
+  """Sums `_log_bin_mass` per example on [B, D] rows (`pixel_rows`: XLA:CPU ran this chain
+  about 10x slower on [B, H, W, C] with a minor axis of 3 channels). -> f32[B]."""
+  x, mean, log_scale = pixel_rows(x, mean, jnp.broadcast_to(log_scale, x.shape))
+  return _log_bin_mass(log_cdf, x, mean, log_scale).sum(axis=-1)
 
 
 def discretized_logistic_log_prob(x: jax.Array, mean: jax.Array,

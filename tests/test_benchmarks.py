@@ -88,3 +88,31 @@ def test_stages_trains_and_evaluates_each_stage_once_and_skips_finished_ones(tmp
   commands.clear()
   stages.run_stages(str(tmp_path), [1, 4], train_args, 50, timed=run)
   assert [c[-1] for c in commands] == ["--config.num_epochs=4", "--iw_samples=50"]
+
+
+@pytest.mark.slow
+def test_minimal_times_the_same_model_beside_jaxvae():
+  # Random images (no --data_path): 400 make 20 steps a pass at batch 20.
+  out = _json_line("benchmarks/minimal.py", "--setup=iwae", "--num_train=400", "--steps=5",
+                   "--rounds=1", "--iwae_images=40", "--iwae_samples=500")
+  assert (out["steps_per_pass"], out["timed_steps"], out["batch_size"]) == (20, 5, 20)
+  for name in ("minimal", "jaxvae"):
+    assert out[f"{name}_ms_per_step"] > 0 and out[f"{name}_compile_s"] > 0, name
+    assert out[f"{name}_s_per_pass"] == pytest.approx(out[f"{name}_ms_per_step"] * 20 / 1e3)
+  assert out["jaxvae_over_minimal"] == pytest.approx(
+      out["jaxvae_ms_per_step"] / out["minimal_ms_per_step"])
+  # The minimal bound draws as jaxvae draws: the same number up to float rounding.
+  assert out["iwae_minimal_nats"] < 0
+  assert out["iwae_jaxvae_nats"] == pytest.approx(out["iwae_minimal_nats"], rel=1e-5)
+  assert out["iwae_jaxvae_over_minimal"] == pytest.approx(
+      out["iwae_jaxvae_ms_per_image"] / out["iwae_minimal_ms_per_image"])
+
+
+@pytest.mark.slow
+def test_minimal_times_the_flax_example_too():
+  out = _json_line("benchmarks/minimal.py", "--setup=flax", "--num_train=1280", "--steps=3",
+                   "--rounds=1")
+  assert (out["steps_per_pass"], out["timed_steps"], out["batch_size"]) == (10, 3, 128)
+  assert out["flax_example_ms_per_step"] > 0
+  assert out["jaxvae_over_flax_example"] == pytest.approx(
+      out["jaxvae_ms_per_step"] / out["flax_example_ms_per_step"])
