@@ -49,7 +49,7 @@ from absl import app, flags
 from flax.training import train_state
 
 from configs import mnist_iwae
-from jaxvae import data, evaluate, loops, models, optim, parallel, train
+from jaxvae import batching, data, evaluate, experiment, loops, models, parallel, train
 from jaxvae import state as state_lib
 
 flags.DEFINE_enum("setup", "iwae", ["iwae", "flax"], "Which model and protocol (see above).")
@@ -255,10 +255,10 @@ def time_iwae(config, test: data.Split, num_samples: int, extrapolate_to: int = 
                             data.pixel_mean(test.images, config.data.binarize))
   params = models.init_params(model, jax.random.key(1), test.images.shape[1:])
   key = jax.random.key(2)
-  streams = evaluate.stream_keys(key)
+  streams = batching.stream_keys(key)
   batch, chunk = config.eval.iw_batch_size, min(config.eval.iw_chunk, num_samples)
   index = np.arange(len(test.images), dtype=np.int32)
-  _, x = evaluate.model_inputs(test.images, index, streams.binarize, config.data.binarize)
+  _, x = batching.model_inputs(test.images, index, streams.binarize, config.data.binarize)
   x = x.reshape(len(x), -1)
 
   def minimal(n):
@@ -292,14 +292,12 @@ def make_jaxvae_pass(config, split: data.Split):
   images = split.images
   steps_per_epoch = len(images) // config.batch_size
   chunk_steps = math.ceil(steps_per_epoch / min(config.log.chunks_per_epoch, steps_per_epoch))
-  model = models.make_model(config.model, images.shape[1:],
-                            data.pixel_mean(images, config.data.binarize))
-  tx = optim.make_optimizer(config.optimizer, steps_per_epoch)
+  exp = experiment.build(config, images.shape[1:], len(images),
+                         data.pixel_mean(images, config.data.binarize))
   keys = state_lib.Keys(**parallel.replicate(state_lib.Keys.from_seed(config.seed).as_dict(),
                                              mesh))
-  state = parallel.replicate(state_lib.init_state(model, tx, keys.init, images.shape[1:]), mesh)
-  chunk = train.make_train_chunk(train.make_train_step(model, tx, config, len(images)), mesh,
-                                 loops.resolve(config, mesh))
+  state = parallel.replicate(exp.init_state(keys.init), mesh)
+  chunk = train.make_train_chunk(exp.train_step(), mesh, loops.resolve(config, mesh, exp.model))
   no_signal = parallel.signal_array(0, mesh)
 
   def batches_of(epoch, steps):
