@@ -65,6 +65,24 @@ def parse_variants(text: str, base) -> list[tuple[str, object]]:
   return out
 
 
+def _compiled_variant(label, config, shape, images, batches, valid, no_signal, mesh,
+                      dataset_size: int) -> dict:
+  """One variant's compiled chunk, fresh-state maker, products and compile time."""
+  exp = experiment.build(config, shape, dataset_size, data.pixel_mean(images, config.data.binarize))
+  keys = state_lib.Keys.from_seed(config.seed)
+  fresh = functools.partial(exp.init_state, keys.init)
+  loop = loops.resolve(config, mesh, exp.model)
+  chunk = train.make_train_chunk(exp.train_step(), mesh, loop)
+  products = step_matmuls(exp.objective.gradients, fresh().params, keys.train,
+                          jnp.zeros((config.batch_size,) + shape, jnp.float32),
+                          jnp.zeros((), jnp.int32))
+  t0 = time.perf_counter()
+  chunk = chunk.lower(fresh(), batches, valid, keys.train, no_signal).compile()
+  return {"label": label, "chunk": chunk, "fresh": fresh, "key": keys.train,
+          "products": products, "seconds": [], "rates": [], "loop": loop,
+          "compile_s": time.perf_counter() - t0}
+
+
 def main(argv):
   del argv
   mesh = parallel.make_mesh()
@@ -80,23 +98,9 @@ def main(argv):
   batches = parallel.gather_batches(images, np.arange(steps * batch).reshape(steps, batch), mesh)
   valid, no_signal = np.ones(steps, bool), parallel.signal_array(0, mesh)
 
-  runs = []
-  for label, config in variants:
-    # steps_per_epoch * batch training images: the epoch of the s/50k column (and beta_tcvae's N)
-    exp = experiment.build(config, shape, steps_per_epoch * batch,
-                           data.pixel_mean(images, config.data.binarize))
-    keys = state_lib.Keys.from_seed(config.seed)
-    fresh = functools.partial(exp.init_state, keys.init)
-    loop = loops.resolve(config, mesh, exp.model)
-    chunk = train.make_train_chunk(exp.train_step(), mesh, loop)
-    products = step_matmuls(exp.objective.gradients, fresh().params, keys.train,
-                            jnp.zeros((batch,) + shape, jnp.float32), jnp.zeros((), jnp.int32))
-    t0 = time.perf_counter()
-    chunk = chunk.lower(fresh(), batches, valid, keys.train, no_signal).compile()
-    compile_s = time.perf_counter() - t0
-    runs.append({"label": label, "chunk": chunk, "fresh": fresh, "key": keys.train,
-                 "products": products, "seconds": [], "rates": [], "loop": loop,
-                 "compile_s": compile_s})
+  # steps_per_epoch * batch training images: the epoch of the s/50k column (and beta_tcvae's N)
+  runs = [_compiled_variant(label, config, shape, images, batches, valid, no_signal, mesh,
+                            steps_per_epoch * batch) for label, config in variants]
 
   options = train.compiler_options(mesh)
   for _ in range(flags.FLAGS.rounds):

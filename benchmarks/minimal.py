@@ -332,15 +332,9 @@ def _timed(fn):
   return out, time.perf_counter() - t0
 
 
-def main(argv):
-  del argv
-  setup, data_path = flags.FLAGS.setup, flags.FLAGS.data_path
-  config = jaxvae_config(setup, data_path)
-  ds = load_images(config, data_path, flags.FLAGS.num_train)
-  split = ds.train
-  steps_per_pass = len(split.images) // config.batch_size
-  steps = min(flags.FLAGS.steps or steps_per_pass, steps_per_pass)
-
+def _runners(setup: str, config, split: data.Split, steps: int):
+  """({name: run(carry, round) -> carry}, {name: first carry}, {name: compile seconds}) of the
+  minimal step, jaxvae's epoch and, for the flax setup, the flax example's step."""
   init, one_pass = make_minimal_pass(setup, split.images)
   key = jax.random.key(0)
   carry = init(key)
@@ -356,13 +350,23 @@ def main(argv):
   if setup == "flax":
     flax_init, flax_step = make_flax_example_step()
     rng = np.random.default_rng(0)
-    carries["flax_example"] = (flax_init(key), key)
     t0 = time.perf_counter()
-    carries["flax_example"] = flax_example_pass(flax_step, *carries["flax_example"][:1],
-                                                split.images, rng, key, 1)
+    carries["flax_example"] = flax_example_pass(flax_step, flax_init(key), split.images, rng,
+                                                key, 1)
     compile_s["flax_example"] = time.perf_counter() - t0
     runners["flax_example"] = lambda c, r: flax_example_pass(flax_step, c[0], split.images, rng,
                                                              c[1], steps)
+  return runners, carries, compile_s
+
+
+def main(argv):
+  del argv
+  setup, data_path = flags.FLAGS.setup, flags.FLAGS.data_path
+  config = jaxvae_config(setup, data_path)
+  ds = load_images(config, data_path, flags.FLAGS.num_train)
+  steps_per_pass = len(ds.train.images) // config.batch_size
+  steps = min(flags.FLAGS.steps or steps_per_pass, steps_per_pass)
+  runners, carries, compile_s = _runners(setup, config, ds.train, steps)
   # One untimed round: first-call costs (the first gather, the allocator) stay out.
   seconds = {name: [] for name in runners}
   for r in range(flags.FLAGS.rounds + 1):
@@ -382,29 +386,40 @@ def main(argv):
   if setup == "flax":
     result["jaxvae_over_flax_example"] = (result["jaxvae_ms_per_step"]
                                           / result["flax_example_ms_per_step"])
-  print(f"{setup} setup, batch {config.batch_size}, {steps} of {steps_per_pass} steps a pass "
-        f"timed, median of {flags.FLAGS.rounds} interleaved rounds, {result['data']}")
-  for name in seconds:
-    print(f"  {name:<13} compile {compile_s[name]:6.2f} s  {result[f'{name}_ms_per_step']:7.3f} "
-          f"ms/step (min {result[f'{name}_min_ms_per_step']:6.3f})  "
+  _print_steps(result, list(seconds))
+  if flags.FLAGS.iwae_images and setup == "iwae":
+    _iwae_rows(config, ds, result)
+  print(json.dumps(result))
+
+
+def _print_steps(result: dict, names: list[str]) -> None:
+  print(f"{result['setup']} setup, batch {result['batch_size']}, {result['timed_steps']} of "
+        f"{result['steps_per_pass']} steps a pass timed, median of {result['rounds']} "
+        f"interleaved rounds, {result['data']}")
+  for name in names:
+    print(f"  {name:<13} compile {result[f'{name}_compile_s']:6.2f} s  "
+          f"{result[f'{name}_ms_per_step']:7.3f} ms/step "
+          f"(min {result[f'{name}_min_ms_per_step']:6.3f})  "
           f"{result[f'{name}_s_per_pass']:7.2f} s/pass")
   print(f"  jaxvae / minimal: {result['jaxvae_over_minimal']:.2f}x")
-  if setup == "flax":
+  if "jaxvae_over_flax_example" in result:
     print(f"  jaxvae / flax example: {result['jaxvae_over_flax_example']:.2f}x")
-  if flags.FLAGS.iwae_images and setup == "iwae":
-    n = flags.FLAGS.iwae_images
-    result.update(iwae_images=n, iwae_samples=flags.FLAGS.iwae_samples, **time_iwae(
-        config, data.Split(ds.test.images[:n], ds.test.labels[:n]), flags.FLAGS.iwae_samples))
-    result["iwae_jaxvae_over_minimal"] = (result["iwae_jaxvae_ms_per_image"]
-                                          / result["iwae_minimal_ms_per_image"])
-    for name in ("minimal", "jaxvae"):
-      print(f"  IWAE K={flags.FLAGS.iwae_samples}, {n} test images, {name:<7}: "
-            f"{result[f'iwae_{name}_s']:.2f} s with compiling, "
-            f"{result[f'iwae_{name}_ms_per_image']:.1f} ms/image, "
-            f"{result[f'iwae_{name}_s_for_10000']:.0f} s for 10,000 (extrapolated), "
-            f"{result[f'iwae_{name}_nats']:.4f} nats")
-    print(f"  IWAE jaxvae / minimal per image: {result['iwae_jaxvae_over_minimal']:.2f}x")
-  print(json.dumps(result))
+
+
+def _iwae_rows(config, ds: data.Dataset, result: dict) -> None:
+  """Adds the IWAE bound's timings (`time_iwae`) on --iwae_images test images to `result`."""
+  n, k = flags.FLAGS.iwae_images, flags.FLAGS.iwae_samples
+  result.update(iwae_images=n, iwae_samples=k, **time_iwae(
+      config, data.Split(ds.test.images[:n], ds.test.labels[:n]), k))
+  result["iwae_jaxvae_over_minimal"] = (result["iwae_jaxvae_ms_per_image"]
+                                        / result["iwae_minimal_ms_per_image"])
+  for name in ("minimal", "jaxvae"):
+    print(f"  IWAE K={k}, {n} test images, {name:<7}: "
+          f"{result[f'iwae_{name}_s']:.2f} s with compiling, "
+          f"{result[f'iwae_{name}_ms_per_image']:.1f} ms/image, "
+          f"{result[f'iwae_{name}_s_for_10000']:.0f} s for 10,000 (extrapolated), "
+          f"{result[f'iwae_{name}_nats']:.4f} nats")
+  print(f"  IWAE jaxvae / minimal per image: {result['iwae_jaxvae_over_minimal']:.2f}x")
 
 
 if __name__ == "__main__":

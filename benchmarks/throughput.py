@@ -90,31 +90,22 @@ def run_epoch(train_chunk, state, images, idx, valid, train_key, mesh):
   return state, steps
 
 
-def main(argv):
-  del argv
-  config = flags.FLAGS.config
-  if flags.FLAGS.data_path:
-    config.data.source, config.data.path = "folder", flags.FLAGS.data_path
-  config_lib.validate(config)
-  mesh = parallel.make_mesh()
-  parallel.check_batch_divides(config.batch_size, mesh)
+def _dataset(config) -> data.Dataset:
+  """The config's data with --data_path or digits; else random images of --image_shape."""
   if flags.FLAGS.data_path or config.data.source == "digits":
-    ds = data.load(config.data)
-  else:
-    shape = tuple(int(s) for s in flags.FLAGS.image_shape)
-    ds = _random_dataset(shape, flags.FLAGS.num_train, flags.FLAGS.num_test)
-  num_train = len(ds.train.images)
-  steps_per_epoch = num_train // config.batch_size
-  chunk_steps = math.ceil(steps_per_epoch / min(config.log.chunks_per_epoch, steps_per_epoch))
+    return data.load(config.data)
+  shape = tuple(int(s) for s in flags.FLAGS.image_shape)
+  return _random_dataset(shape, flags.FLAGS.num_train, flags.FLAGS.num_test)
 
-  exp = experiment.build_for(config, ds)
-  model = exp.model
-  keys = state_lib.Keys(**parallel.replicate(state_lib.Keys.from_seed(config.seed).as_dict(), mesh))
+
+def _time_training(exp, ds, keys, mesh, loop: str) -> dict:
+  """Compiles the train chunk and times the first step, then whole epochs (or their first
+  --steps steps) as train.py runs them. Returns the timings and the trained state."""
+  config, num_train = exp.config, len(ds.train.images)
+  chunk_steps = math.ceil(exp.steps_per_epoch / min(config.log.chunks_per_epoch,
+                                                    exp.steps_per_epoch))
   state = parallel.replicate(exp.init_state(keys.init), mesh)
-  train_step = exp.train_step()
-  loop = loops.resolve(config, mesh, model)
-  train_chunk = train.make_train_chunk(train_step, mesh, loop)
-
+  train_chunk = train.make_train_chunk(exp.train_step(), mesh, loop)
   # Compile, then the very first step, as train.py's first call does.
   idx, valid = jax.device_get(train.epoch_batches(keys.shuffle, 0, num_train, config.batch_size,
                                                   0, chunk_steps))
@@ -127,56 +118,85 @@ def main(argv):
   state, sums = compiled(state, batches, first_only, keys.train, no_signal)
   jax.block_until_ready(sums)
   first_step_s = _process_seconds()
-
-  # Steady state: whole epochs, or their first --steps steps.
-  epoch_s, per_step = [], []
+  per_step = []
   for epoch in range(1, flags.FLAGS.epochs + 1):
     idx, valid = jax.device_get(train.epoch_batches(keys.shuffle, epoch, num_train,
                                                     config.batch_size, 0, chunk_steps))
     if flags.FLAGS.steps:
-      n = min(flags.FLAGS.steps, steps_per_epoch)
+      n = min(flags.FLAGS.steps, exp.steps_per_epoch)
       keep = math.ceil(n / chunk_steps)
       idx, valid = idx[:keep], valid[:keep] & (np.arange(keep * chunk_steps) < n).reshape(keep, -1)
     t0 = time.perf_counter()
     state, steps = run_epoch(compiled, state, ds.train.images, idx, valid, keys.train, mesh)
-    dt = time.perf_counter() - t0
-    per_step.append(dt / steps)
-    epoch_s.append(dt / steps * steps_per_epoch)
+    per_step.append((time.perf_counter() - t0) / steps)
   step_s = float(np.median(per_step))
-  train_s = float(np.median(epoch_s))
+  return {"state": state, "compile_s": compile_s, "first_step_s": first_step_s,
+          "step_s": step_s, "train_s": step_s * exp.steps_per_epoch}
 
-  evaluator = evaluate.Evaluator(model, config, ds.test, mesh)
+
+def _time_evaluation(exp, ds, params, key, mesh) -> tuple[float, float]:
+  """(seconds of the first evaluation, median seconds of --eval_repeats more)."""
+  evaluator = evaluate.Evaluator(exp.model, exp.config, ds.test, mesh)
   t0 = time.perf_counter()
-  evaluator(state.params[state_lib.VAE_GROUP], keys.eval)
-  eval_first_s = time.perf_counter() - t0
-  eval_times = []
+  evaluator(params, key)
+  first_s, times = time.perf_counter() - t0, []
   for _ in range(flags.FLAGS.eval_repeats):
     t0 = time.perf_counter()
-    evaluator(state.params[state_lib.VAE_GROUP], keys.eval)
-    eval_times.append(time.perf_counter() - t0)
-  eval_s = float(np.median(eval_times))
+    evaluator(params, key)
+    times.append(time.perf_counter() - t0)
+  return first_s, float(np.median(times))
 
-  x = jnp.zeros((config.batch_size,) + ds.image_shape, jnp.float32)
-  products = step_matmuls(exp.objective.gradients, jax.device_get(state.params), keys.train, x,
+
+def _floor(exp, ds, state, key, mesh) -> dict:
+  """The step's floor: its products (every trained group's forward and backward) timed alone
+  at their shapes, plus each group's optimizer update alone."""
+  x = jnp.zeros((exp.config.batch_size,) + ds.image_shape, jnp.float32)
+  products = step_matmuls(exp.objective.gradients, jax.device_get(state.params), key, x,
                           jnp.zeros((), jnp.int32))
-  step_flops = sum(f for f, _ in products)
   options = train.compiler_options(mesh)  # as the train chunk is compiled
-  rate = matmul_rate(products, options)
-  large_rate = large_matmul_rate(options)
   opt_s = sum(optimizer_seconds(tx, state.params[name], state.opt_state[name], options)
               for name, tx in exp.optimizers.items())
-  floor_s = step_flops / rate + opt_s
+  flops, rate = sum(f for f, _ in products), matmul_rate(products, options)
+  return {"flops": flops, "rate": rate, "large_rate": large_matmul_rate(options),
+          "opt_s": opt_s, "floor_s": flops / rate + opt_s}
 
-  result = {
+
+def main(argv):
+  del argv
+  config = flags.FLAGS.config
+  if flags.FLAGS.data_path:
+    config.data.source, config.data.path = "folder", flags.FLAGS.data_path
+  config_lib.validate(config)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_divides(config.batch_size, mesh)
+  ds = _dataset(config)
+  exp = experiment.build_for(config, ds)
+  keys = state_lib.Keys(**parallel.replicate(state_lib.Keys.from_seed(config.seed).as_dict(), mesh))
+  loop = loops.resolve(config, mesh, exp.model)
+  timed = _time_training(exp, ds, keys, mesh, loop)
+  state = timed["state"]
+  eval_first_s, eval_s = _time_evaluation(exp, ds, state.params[state_lib.VAE_GROUP], keys.eval,
+                                          mesh)
+  floor = _floor(exp, ds, state, keys.train, mesh)
+  result = _result(exp, ds, loop, timed, eval_first_s, eval_s, floor)
+  _print_rows(result)
+  print(json.dumps(result))
+
+
+def _result(exp, ds, loop, timed, eval_first_s, eval_s, floor) -> dict:
+  """The JSON line's figures."""
+  config, step_s, train_s = exp.config, timed["step_s"], timed["train_s"]
+  flops, rate, large_rate = floor["flops"], floor["rate"], floor["large_rate"]
+  return {
       "config": {"batch_size": config.batch_size, "hidden": list(config.model.hidden),
                  "arch": config.model.arch, "latent_dim": config.model.latent_dim,
                  "loop_mode": loop,
                  "data": flags.FLAGS.data_path or ds.name, "devices": jax.device_count(),
                  "processes": jax.process_count(), "platform": jax.devices()[0].platform,
-                 "steps_per_epoch": steps_per_epoch, "timed_steps_per_epoch":
-                 min(flags.FLAGS.steps or steps_per_epoch, steps_per_epoch)},
-      "compile_s": compile_s,
-      "first_step_s": first_step_s,
+                 "steps_per_epoch": exp.steps_per_epoch, "timed_steps_per_epoch":
+                 min(flags.FLAGS.steps or exp.steps_per_epoch, exp.steps_per_epoch)},
+      "compile_s": timed["compile_s"],
+      "first_step_s": timed["first_step_s"],
       "train_s_per_epoch": train_s,
       "train_ms_per_step": step_s * 1e3,
       "images_per_s": config.batch_size / step_s,
@@ -184,45 +204,49 @@ def main(argv):
       "eval_first_s": eval_first_s,
       "epoch_with_eval_s": train_s + eval_s,
       "eval_fraction": eval_s / (train_s + eval_s),
-      "step_gflop": step_flops / 1e9,
-      "achieved_gflop_per_s": step_flops / step_s / 1e9,
+      "step_gflop": flops / 1e9,
+      "achieved_gflop_per_s": flops / step_s / 1e9,
       "matmul_rate_gflop_per_s": rate / 1e9,
       "large_matmul_rate_gflop_per_s": large_rate / 1e9,
-      "fraction_of_matmul_rate": step_flops / step_s / rate,
-      "fraction_of_large_matmul_rate": step_flops / step_s / large_rate,
-      "optimizer_ms": opt_s * 1e3,
-      "floor_ms_per_step": floor_s * 1e3,
-      "step_over_floor": step_s / floor_s,
+      "fraction_of_matmul_rate": flops / step_s / rate,
+      "fraction_of_large_matmul_rate": flops / step_s / large_rate,
+      "optimizer_ms": floor["opt_s"] * 1e3,
+      "floor_ms_per_step": floor["floor_s"] * 1e3,
+      "step_over_floor": step_s / floor["floor_s"],
       "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
   }
+
+
+def _print_rows(r: dict) -> None:
+  """The human-readable table of `_result`'s figures."""
+  c, step_ms = r["config"], r["train_ms_per_step"]
+  flops = r["step_gflop"] * 1e9
   rows = [
-      ("batch size", f"{config.batch_size}"),
-      ("devices x processes", f"{jax.device_count()} x {jax.process_count()} "
-                              f"({result['config']['platform']})"),
-      ("data", result["config"]["data"]),
-      ("compile (train chunk)", f"{compile_s:.2f} s ({loop} loop mode)"),
-      ("start to first step", f"{first_step_s:.2f} s"),
-      ("train per epoch", f"{train_s:.2f} s ({config.batch_size / step_s:,.0f} images/s, "
-                          f"{step_s * 1e3:.3f} ms/step)"),
-      ("eval per epoch", f"{eval_s:.2f} s (first call {eval_first_s:.2f} s), "
-                         f"{100 * result['eval_fraction']:.1f}% of the epoch"),
-      ("epoch incl. eval", f"{train_s + eval_s:.2f} s"),
-      ("step matmul FLOPs", f"{step_flops / 1e6:.1f} MFLOP ({step_flops / config.batch_size / 1e6:.2f}"
+      ("batch size", f"{c['batch_size']}"),
+      ("devices x processes", f"{c['devices']} x {c['processes']} ({c['platform']})"),
+      ("data", c["data"]),
+      ("compile (train chunk)", f"{r['compile_s']:.2f} s ({c['loop_mode']} loop mode)"),
+      ("start to first step", f"{r['first_step_s']:.2f} s"),
+      ("train per epoch", f"{r['train_s_per_epoch']:.2f} s ({r['images_per_s']:,.0f} images/s, "
+                          f"{step_ms:.3f} ms/step)"),
+      ("eval per epoch", f"{r['eval_s']:.2f} s (first call {r['eval_first_s']:.2f} s), "
+                         f"{100 * r['eval_fraction']:.1f}% of the epoch"),
+      ("epoch incl. eval", f"{r['epoch_with_eval_s']:.2f} s"),
+      ("step matmul FLOPs", f"{flops / 1e6:.1f} MFLOP ({flops / c['batch_size'] / 1e6:.2f}"
                             f" per image)"),
-      ("achieved", f"{step_flops / step_s / 1e9:.1f} GFLOP/s"),
-      ("matmul rate, step shapes", f"{rate / 1e9:.1f} GFLOP/s -> step at "
-                                   f"{100 * result['fraction_of_matmul_rate']:.1f}%"),
-      ("matmul rate, 2048^3", f"{large_rate / 1e9:.1f} GFLOP/s -> step at "
-                              f"{100 * result['fraction_of_large_matmul_rate']:.1f}%"),
-      ("optimizer update alone", f"{opt_s * 1e3:.3f} ms"),
-      ("floor (matmuls + optimizer)", f"{floor_s * 1e3:.3f} ms/step -> step is "
-                                      f"{step_s / floor_s:.2f}x the floor"),
-      ("peak RSS", f"{result['peak_rss_gib']:.2f} GiB"),
+      ("achieved", f"{r['achieved_gflop_per_s']:.1f} GFLOP/s"),
+      ("matmul rate, step shapes", f"{r['matmul_rate_gflop_per_s']:.1f} GFLOP/s -> step at "
+                                   f"{100 * r['fraction_of_matmul_rate']:.1f}%"),
+      ("matmul rate, 2048^3", f"{r['large_matmul_rate_gflop_per_s']:.1f} GFLOP/s -> step at "
+                              f"{100 * r['fraction_of_large_matmul_rate']:.1f}%"),
+      ("optimizer update alone", f"{r['optimizer_ms']:.3f} ms"),
+      ("floor (matmuls + optimizer)", f"{r['floor_ms_per_step']:.3f} ms/step -> step is "
+                                      f"{r['step_over_floor']:.2f}x the floor"),
+      ("peak RSS", f"{r['peak_rss_gib']:.2f} GiB"),
   ]
   width = max(len(k) for k, _ in rows)
   for k, v in rows:
     print(f"{k:<{width}}  {v}")
-  print(json.dumps(result))
 
 
 if __name__ == "__main__":

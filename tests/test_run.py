@@ -57,6 +57,15 @@ def test_the_package_has_no_import_circle():
   assert "train" not in graph["evaluate"] | graph["restore"] | graph["rundir"]
 
 
+def test_no_function_is_longer_than_60_lines():
+  files = [*(REPO / "jaxvae").rglob("*.py"), *(REPO / "benchmarks").glob("*.py"), REPO / "train.py"]
+  long = [f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)"
+          for path in files for node in ast.walk(ast.parse(path.read_text()))
+          if isinstance(node, ast.FunctionDef)
+          and (n := node.end_lineno - node.lineno + 1) > 60]
+  assert not long, long
+
+
 def _steps_config(num_steps):
   config = tiny_digits_config()
   config.num_steps, config.eval.every_steps = num_steps, 30  # 46 steps per epoch
