@@ -33,6 +33,7 @@ import scipy.linalg
 from absl import app, flags
 
 from jaxvae import data, disentanglement, distributions, loops, models, objectives, parallel
+from jaxvae import fid as fid_lib
 from jaxvae import run as run_lib
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active when Cov_x E_q[z_j] > 0.01
@@ -755,6 +756,8 @@ def report(result: dict) -> str:
   if "factors" in result:
     parts += [f"factor metrics: {result['factors']['estimators']['codes']}",
               disentanglement.format_table(result["factors"])]
+  if "fid" in result:
+    parts.append(fid_lib.format_fid(result["fid"]))
   parts.append("seconds: " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()))
   return "\n".join(parts)
 
@@ -763,6 +766,8 @@ def main(argv):
   workdir = flags.FLAGS.workdir
   run = run_lib.restore_run_for_command(argv, workdir)
   result = evaluate_run(run, flags.FLAGS.iw_samples, os.path.basename(os.path.abspath(workdir)))
+  if flags.FLAGS.fid:
+    result["fid"] = fid_lib.fid_of_run(run, flags.FLAGS.fid)
   print(report(result))
   path = os.path.join(workdir, "eval.json")
   with open(path, "w") as f:
@@ -774,5 +779,7 @@ if __name__ == "__main__":  # flags defined only here: train.py, which imports t
   flags.DEFINE_string("workdir", None, "A training run's --workdir (config.json, checkpoints/).")
   flags.DEFINE_integer("iw_samples", None, "K, importance samples per image for the IWAE bound "
                        "(default config.eval.iw_samples).")
+  flags.DEFINE_integer("fid", 0, "N > 0: FID and KID of N prior samples and of N test "
+                       "reconstructions against the training split (jaxvae/fid.py, docs/fid.md).")
   flags.mark_flags_as_required(["workdir"])
   app.run(run_lib.exit_on_user_error(main))
