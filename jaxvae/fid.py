@@ -1,6 +1,6 @@
 """FID and KID of image sets, and of a trained run's samples and reconstructions.
 
-  features(net, images)            -> f32[N, D] pool features of the FID Inception (jaxvae.inception)
+  features(net, images)            -> f32[N, D] pool features of jaxvae.inception's network
   statistics(feats)                -> mean f64[D], covariance f64[D, D] (np.cov, N - 1)
   frechet_distance(mu1, s1, mu2, s2)  pytorch-fid's formula: scipy.linalg.sqrtm of s1 @ s2, and
                                       its eps guard when that product is singular
@@ -205,13 +205,13 @@ def reference_statistics(net: FeatureNet, images: np.ndarray, batch_size: int = 
 
 
 def compare(net: FeatureNet, images: np.ndarray, reference: dict, batch_size: int = 100,
-            seed: int = 0, method: str = "sqrtm") -> dict:
+            seed: int = 0, method: str = "sqrtm", kid_subsets: int = KID_SUBSETS) -> dict:
   """FID (`frechet_distance`'s `method`) and KID of uint8 images [N, H, W, C] against
   `reference_statistics`."""
   start = time.time()
   feats = features(net, images, batch_size)
   fid = frechet_distance(*statistics(feats), reference["mu"], reference["sigma"], method=method)
-  kid, kid_std, m = kernel_inception_distance(feats, reference["kid_features"], seed)
+  kid, kid_std, m = kernel_inception_distance(feats, reference["kid_features"], seed, kid_subsets)
   return {"fid": fid, "kid": kid, "kid_std": kid_std, "num_images": len(images),
           "kid_subset_size": m, "seconds": round(time.time() - start, 1)}
 
@@ -232,14 +232,15 @@ def _in_batches(fn, n: int, batch_size: int) -> np.ndarray:
 
 
 def fid_of_run(run, num_samples: int, net: FeatureNet | None = None, batch_size: int = 100,
-               temperature: float = 1.0, cache: Path | None = None) -> dict:
+               temperature: float = 1.0, cache: Path | None = None,
+               kid_subsets: int = KID_SUBSETS) -> dict:
   """FID and KID of `num_samples` prior samples and of the first `num_samples` test images'
   reconstructions (decoded from the posterior mean), both against the training split's
   reference statistics (cached per data fingerprint). The eval.json section: each entry names
   its estimator, image count and reference set. Keys come from the run's eval key."""
   if num_samples < 2:
-    raise run_lib.RunError(f"--fid={num_samples}: FID needs at least 2 images (50,000 is the standard "
-                     "count, 10,000 a common quick one)")
+    raise run_lib.RunError(f"--fid={num_samples}: FID needs at least 2 images (50,000 is the "
+                           "standard count, 10,000 a common quick one)")
   try:
     net = net or standard_net(cache=cache)
   except inception.WeightsError as e:
@@ -264,15 +265,15 @@ def fid_of_run(run, num_samples: int, net: FeatureNet | None = None, batch_size:
                f"{ref['fingerprint']}); KID against {len(ref['kid_features'])} of them"
                + (", grey repeated to 3 channels" if grey else ""))
   estimator = (f"FID: Frechet distance of the 2048-d pool features (pytorch-fid's formula, "
-               f"float64); KID: unbiased MMD^2, cubic polynomial kernel, {KID_SUBSETS} subsets, "
+               f"float64); KID: unbiased MMD^2, cubic polynomial kernel, {kid_subsets} subsets, "
                f"mean and std; network: {net.name}; images rounded to 8 bits, resized bilinearly "
                "to 299x299" + ("; grey images repeated to 3 channels" if grey else ""))
   return {
       "reference": reference, "estimator": estimator, "reference_seconds": ref["seconds"],
-      "prior_samples": {**compare(net, samples, ref, batch_size),
+      "prior_samples": {**compare(net, samples, ref, batch_size, kid_subsets=kid_subsets),
                         "set": f"{num_samples} prior samples, z ~ N(0, {temperature:g}^2 I), "
                                "decoder means"},
-      "test_reconstructions": {**compare(net, recons, ref, batch_size),
+      "test_reconstructions": {**compare(net, recons, ref, batch_size, kid_subsets=kid_subsets),
                                "set": f"the first {len(test)} test images, decoded from the "
                                       "posterior mean"},
   }

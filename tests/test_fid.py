@@ -8,6 +8,7 @@ import importlib.metadata
 import itertools
 import pickle
 import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_digits_config
-from jaxvae import fid, inception
+from jaxvae import data, fid, inception, models
 from jaxvae import run as run_lib
+from jaxvae.state import Keys
 
 sys.path.insert(0, str(REPO / "tests" / "fixtures"))
 from make_fid_fixture import fixture_images, gaussian_cases  # noqa: E402
@@ -117,8 +119,10 @@ def test_kid_of_one_distribution_split_in_two_is_near_zero():
   rng = np.random.default_rng(1)
   same = np.abs(rng.normal(size=(800, 32))).astype(np.float32)
   other = np.abs(rng.normal(1.2, 1.0, size=(400, 32))).astype(np.float32)
-  kid_same, std_same, _ = fid.kernel_inception_distance(same[:400], same[400:], subset_size=200)
-  kid_other, _, _ = fid.kernel_inception_distance(same[:400], other, subset_size=200)
+  kid_same, std_same, _ = fid.kernel_inception_distance(same[:400], same[400:], num_subsets=20,
+                                                        subset_size=200)
+  kid_other, _, _ = fid.kernel_inception_distance(same[:400], other, num_subsets=20,
+                                                  subset_size=200)
   assert abs(kid_same) < 3 * std_same  # unbiased: centred on 0 (a biased MMD^2 would be > 0)
   assert kid_other > 50 * abs(kid_same) and kid_other > 10 * std_same
 
@@ -160,12 +164,14 @@ def test_the_unpickler_refuses_anything_but_tensors(tmp_path):
     inception.read_torchscript_layers(path)
 
 
-def test_fid_of_run_refuses_a_missing_wheel_with_a_user_error(monkeypatch):
+def test_fid_of_run_refuses_a_missing_wheel_or_too_few_images_with_a_user_error(monkeypatch):
   def missing():
     raise inception.WeightsError("the FID Inception weights are not installed")
   monkeypatch.setattr(inception, "weights_path", missing)
   with pytest.raises(run_lib.RunError, match="not installed"):
     fid.fid_of_run(None, 10)
+  with pytest.raises(run_lib.RunError, match="at least 2 images"):
+    fid.fid_of_run(None, 1)
 
 
 # ----------------------------------------------------------------------------- reference cache
@@ -201,22 +207,27 @@ def test_reference_statistics_are_cached_and_invalidated(tiny_net, tmp_path, mon
 
 
 def test_fid_of_run_names_estimator_count_and_reference(tiny_net, tmp_path):
-  from jaxvae import train as train_lib
-  workdir = tmp_path / "run"
-  config = tiny_digits_config(num_epochs=1)
-  config.log.tensorboard = False  # importing TensorFlow would take most of this test
-  train_lib.train_and_evaluate(config, str(workdir))
-  run = run_lib.restore_run(str(workdir))
-  out = fid.fid_of_run(run, 30, net=tiny_net, batch_size=16, cache=tmp_path / "cache")
+  """On an untrained digits model (FID needs only its encoder and decoder; no training here)."""
+  config = tiny_digits_config()
+  ds = data.load(config.data)
+  model = models.make_model(config.model, ds.image_shape,
+                            data.pixel_mean(ds.train.images, config.data.binarize))
+  keys = Keys.from_seed(0)
+  state = types.SimpleNamespace(params=models.init_params(model, keys.init, ds.image_shape))
+  run = run_lib.Run(config, ds, model, state, keys, {"epoch": 0})
+  out = fid.fid_of_run(run, 30, net=tiny_net, batch_size=500, cache=tmp_path / "cache",
+                       kid_subsets=10)
   n_train = len(run.dataset.train.images)
   assert f"all {n_train} images" in out["reference"] and "grey repeated" in out["reference"]
-  assert "KID" in out["estimator"] and tiny_net.name in out["estimator"]
+  assert "KID" in out["estimator"] and "10 subsets" in out["estimator"]
+  assert tiny_net.name in out["estimator"]
   for name in ("prior_samples", "test_reconstructions"):
     r = out[name]
     assert r["num_images"] == 30 and r["kid_subset_size"] == 30
     assert np.isfinite(r["fid"]) and r["fid"] > 0 and np.isfinite(r["kid"])
   assert out["reference_seconds"] > 0
-  again = fid.fid_of_run(run, 30, net=tiny_net, batch_size=16, cache=tmp_path / "cache")
+  again = fid.fid_of_run(run, 30, net=tiny_net, batch_size=500, cache=tmp_path / "cache",
+                         kid_subsets=10)
   assert again["reference_seconds"] == 0.0  # the training split's statistics came from the cache
   assert again["prior_samples"]["fid"] == out["prior_samples"]["fid"]  # same keys, same samples
   text = fid.format_fid(out)
