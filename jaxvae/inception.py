@@ -250,6 +250,8 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
                     metadata=None):
   """torch._utils._rebuild_tensor_v2 for a float32 numpy storage -> f32[*size] (a copy)."""
   del requires_grad, hooks, metadata
+  if not isinstance(storage, np.ndarray):
+    raise pickle.UnpicklingError(f"a tensor over {type(storage).__name__}, not a float storage")
   size, stride = tuple(size), tuple(stride)
   last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset
   if offset < 0 or last >= max(len(storage), 1) or min(stride, default=0) < 0:
