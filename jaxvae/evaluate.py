@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jaxvae import baselines, data, disentanglement, distributions, loops, metrics, models
+from jaxvae import baselines, data, disentanglement, distributions, fid, loops, metrics, models
 from jaxvae import parallel, report, restore
 from jaxvae.batching import Batched, batch_map, model_inputs, stream_keys
 from jaxvae.elbo import elbo_terms
@@ -323,7 +323,11 @@ def main(argv):
   workdir = flags.FLAGS.workdir
   run = restore.restore_for_command(argv, workdir)
   result = evaluate_run(run, flags.FLAGS.iw_samples, os.path.basename(os.path.abspath(workdir)))
+  if flags.FLAGS.fid:
+    result["fid"] = fid.fid_of_run(run, flags.FLAGS.fid)
   print(report.report(result))
+  if "fid" in result:
+    print(fid.format_fid(result["fid"]))
   path = os.path.join(workdir, "eval.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=2)
@@ -334,5 +338,7 @@ if __name__ == "__main__":  # flags defined only here: train.py, which imports t
   flags.DEFINE_string("workdir", None, "A training run's --workdir (config.json, checkpoints/).")
   flags.DEFINE_integer("iw_samples", None, "K, importance samples per image for the IWAE bound "
                        "(default config.eval.iw_samples).")
+  flags.DEFINE_integer("fid", 0, "N > 0: FID and KID of N prior samples and of N test "
+                       "reconstructions against the training split (jaxvae/fid.py, docs/fid.md).")
   flags.mark_flags_as_required(["workdir"])
   app.run(restore.exit_on_user_error(main))

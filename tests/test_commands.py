@@ -87,6 +87,8 @@ def test_sample_writes_a_grid_of_prior_samples(run_dir, tmp_path):
      "error: --iw_samples=0 must be a positive number of importance samples"),
     (["jaxvae.sample", "--workdir", "RUN", "--out", "x.png", "--num", "0"],
      "error: --num=0 must be positive"),
+    (["jaxvae.evaluate", "--workdir", "RUN", "--iw_samples", "2", "--fid", "1"],
+     "error: --fid=1: FID needs at least 2 images"),
 ])
 def test_bad_input_ends_a_command_with_one_error_line(run_dir, args, message):
   args = [str(run_dir) if a == "RUN" else a for a in args]

