@@ -13,7 +13,6 @@ import argparse
 import collections
 import functools
 import json
-import math
 import time
 
 import jax
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import rates
-from jaxvae import fid, inception
+from jaxvae import fid
 
 
 def forward_convolutions(net: fid.FeatureNet, batch: int) -> list[tuple[int, tuple]]:

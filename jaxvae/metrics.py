@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvae import distributions
+
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active when Cov_x E_q[z_j] > 0.01
 PAPER_SSIM_WINDOW = 7         # scikit-image's default win_size before 0.19
 PAPER_SSIM_DATA_RANGE = 2.0   # what it assumed for float images ([-1, 1]) before 0.19

@@ -20,7 +20,7 @@ import pytest
 
 from jaxvae import checkpoint, data, experiment, parallel, train
 from jaxvae.objectives import beta_vae
-from jaxvae import restore, rundir
+from jaxvae import rundir
 from jaxvae import state as state_lib
 from jaxvae import config as config_lib
 from tests.conftest import tiny_digits_config

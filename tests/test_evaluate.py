@@ -13,7 +13,7 @@ from scipy import stats
 from conftest import convolutions_in_loops, tiny_conv_config, tiny_digits_config
 from jaxvae import baselines, data, distributions, evaluate, metrics, models, parallel, report
 from jaxvae.objectives import iwae as iwae_lib
-from jaxvae import restore, rundir
+from jaxvae import restore
 from jaxvae import train as train_lib
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import REPO, tiny_sprites_config
 from jaxvae import evaluate, figure_data, figures, metrics, report, sprites
-from jaxvae import restore, rundir
+from jaxvae import restore
 from jaxvae import train as train_lib
 
 LATENTS = 5

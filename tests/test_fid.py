@@ -8,7 +8,6 @@ import importlib.metadata
 import itertools
 import pickle
 import sys
-import types
 import zipfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_digits_config
-from jaxvae import data, fid, inception, models
+from jaxvae import data, fid, inception
 from jaxvae import experiment, restore, rundir
 from jaxvae.state import Keys
 

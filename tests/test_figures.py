@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import tiny_digits_config
 from jaxvae import batching, evaluate, figure_data, figures, parallel, sample
-from jaxvae import restore, rundir
+from jaxvae import restore
 from jaxvae import train as train_lib
 
 

@@ -19,7 +19,7 @@ from jaxvae import report
 from jaxvae import distributions, evaluate, models
 from jaxvae import elbo as elbo_lib
 from jaxvae.objectives import iwae as iwae_lib
-from jaxvae import restore, rundir
+from jaxvae import restore
 from jaxvae import train as train_lib
 
 MNIST_SHAPE = (28, 28, 1)

@@ -21,7 +21,7 @@ from jaxvae import elbo as elbo_lib
 from jaxvae.objectives import beta_tcvae, beta_vae
 from jaxvae.objectives import iwae as iwae_lib
 from jaxvae import config as config_lib
-from jaxvae import restore, rundir
+from jaxvae import restore
 from jaxvae.config import base_config
 from tests.conftest import tiny_digits_config
 from tests.test_resume import _rows, _untimed

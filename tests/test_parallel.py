@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from jaxvae import restore, rundir
-from jaxvae import train as train_lib
+from jaxvae import restore
 
 # Metrics and checkpoints only: figures and TensorBoard (seconds of TensorFlow import per
 # process) are tested elsewhere.

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxvae import evaluate, parallel, train
-from jaxvae import restore, rundir
+from jaxvae import evaluate, parallel
+from jaxvae import restore
 from tests.conftest import REPO
 
 # One step per chunk, so the bar moves (and a stop can land) after every step.

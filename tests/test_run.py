@@ -1,14 +1,13 @@
 """The run on disk and the shape of the house: no import circle, runs measured in steps."""
 
 import ast
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from conftest import REPO, tiny_digits_config
-from jaxvae import restore, rundir
+from jaxvae import rundir
 from jaxvae import train as train_lib
 
 

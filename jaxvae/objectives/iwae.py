@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from jaxvae import distributions
 from jaxvae.errors import ConfigError
 from jaxvae.models import VAE
-from jaxvae.elbo import elbo_terms
 from jaxvae.objectives import base
 
 
