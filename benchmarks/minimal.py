@@ -38,7 +38,9 @@ report the ratios. Prints a table, then one JSON line:
 import functools
 import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -48,7 +50,8 @@ import optax
 from absl import app, flags
 from flax.training import train_state
 
-from configs import mnist_iwae
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/, as train.py sees it
+from configs import mnist_iwae  # noqa: E402
 from jaxvae import batching, data, evaluate, experiment, loops, models, parallel, train
 from jaxvae import state as state_lib
 

@@ -79,7 +79,7 @@ def test_round_trip_restores_the_full_state_bitwise(tmp_path):
   manager = checkpoint.make_manager(str(tmp_path), keep=2)
   tree, restored_progress = checkpoint.restore(manager, 2, _template(exp, keys), sharding)
   manager.close()
-  assert int(state.step) == 2 and int(state.opt_state[0].count) == 2  # a state worth saving
+  assert int(state.step) == 2 and int(state.opt_state["vae"][0].count) == 2  # a state worth saving
   assert _bitwise_equal(tree["state"], state)
   for name, key in keys.as_dict().items():
     back = tree["keys"][name]

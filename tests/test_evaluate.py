@@ -322,10 +322,10 @@ def test_pca_baseline_fits_on_a_random_subset_of_a_large_split(monkeypatch):
   # Sorted by class, as dSprites' grid is by factor: the first 400 rows alone would miss classes.
   train = ds.train.images[np.argsort(ds.train.labels, kind="stable")]
   fitted, fit = [], baselines.fit_pca
-  monkeypatch.setattr(evaluate, "fit_pca", lambda rows, *a, **kw: fitted.append(rows) or fit(
+  monkeypatch.setattr(baselines, "fit_pca", lambda rows, *a, **kw: fitted.append(rows) or fit(
       rows, *a, **kw))
   full = baselines.pca_baseline(train, ds.test.images, 8, 100)
-  monkeypatch.setattr(evaluate, "PCA_FIT_IMAGES", 400)
+  monkeypatch.setattr(baselines, "PCA_FIT_IMAGES", 400)
   subset = baselines.pca_baseline(train, ds.test.images, 8, 100)
   assert [len(rows) for rows in fitted] == [len(train), 400]
   row_of = {row.tobytes(): i for i, row in enumerate(train.reshape(len(train), -1))}

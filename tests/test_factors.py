@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, tiny_sprites_config
-from jaxvae import evaluate, figure_data, figures, metrics, report, sprites
+from jaxvae import baselines, evaluate, figure_data, figures, metrics, report, sprites
 from jaxvae import restore
 from jaxvae import train as train_lib
 
@@ -45,7 +45,7 @@ def evaluated(sprites_run):
   no_pca = lambda train, test, k, batch_size: {"k": k, "recon_ssim": 0.0, "recon_psnr_db": 0.0,
                                                "recon_mse": 0.0}
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(evaluate, "pca_baseline", no_pca)
+    patch.setattr(baselines, "pca_baseline", no_pca)
     result = evaluate.evaluate_run(run, iw_samples=3, name="sprites")
   (sprites_run / "eval.json").write_text(json.dumps(result, indent=2))
   return json.loads((sprites_run / "eval.json").read_text()), report.report(result)

@@ -138,7 +138,7 @@ def test_drawing_again_reuses_the_compiled_encoder_pass(run_dir):
           run.config.eval.batch_size, mesh, "scan")
   batched = batching.Batched(images, run.config.eval.batch_size, mesh, "scan")
   program = evaluate._posterior_program(run.model, run.config.data.binarize, "scan",
-                                        batched.sharding, "top")
+                                        batched.sharding, -1)
   first = evaluate.posterior_stats(*args)
   compiled = program._cache_size()
   second = evaluate.posterior_stats(*args)
