@@ -3,14 +3,18 @@ with an uninterrupted run.
 
   python benchmarks/faults.py --trials 50 --seed 0 --workdir /tmp/faults
 
-Each trial starts `train.py` (configs/digits.py, a tiny MLP, 3 epochs of 46 steps, figures and
-TensorBoard off) as one process or as two (gloo over loopback), waits for a random moment of a
-random phase (training: the progress bar mid-epoch; evaluation: the bar just closed; a
-checkpoint write: orbax's temporary directory present), sends SIGKILL or SIGTERM to one
-process or to all, lets the survivors end, then reruns the same commands to the end. The
+Each trial starts `train.py` (configs/digits.py, a tiny MLP, 2 epochs of 187 steps of 8
+images, figures and TensorBoard off) as one process or as two (gloo over loopback), waits for
+a random moment of a random phase (training: the progress bar mid-epoch; evaluation: the bar
+just closed; a checkpoint write: orbax's temporary directory present), sends SIGKILL or SIGTERM
+to one process or to all, lets the survivors end, then reruns the same commands to the end. The
 resumed run must match the uninterrupted reference bit for bit (final train state, PRNG keys,
 progress, every metrics row but its timings) with no row of metrics.jsonl lost or duplicated.
-With --disk_full (root, tmpfs), trials also run in a full file system that is then enlarged.
+With --disk_full_share (root: a small tmpfs), some one-process trials run in a file system
+too small for their checkpoints, which is then enlarged before the rerun; with
+--unreadable_share, some have their latest checkpoint (or the checkpoints directory) made
+unreadable after a kill, the rerun without root's file-access override (setpriv), then the
+access restored and the rerun repeated.
 
 Prints one line per trial and a JSON summary last: trials, kinds of fault, phases hit, resumed
 bitwise, lost and duplicated rows, and how the survivors of a lost peer ended.
@@ -34,10 +38,11 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EPOCHS, STEPS_PER_EPOCH = 3, 1500 // 32
+EPOCHS, STEPS_PER_EPOCH = 2, 1500 // 8
+# One step per chunk, so the bar moves (and a stop can land) after every step.
 ARGS = ["--config=configs/digits.py", "--config.model.hidden=(32,)",
-        "--config.model.latent_dim=4", f"--config.num_epochs={EPOCHS}",
-        "--config.log.chunks_per_epoch=8", "--config.log.figures=False",
+        "--config.model.latent_dim=4", "--config.batch_size=8", f"--config.num_epochs={EPOCHS}",
+        "--config.log.chunks_per_epoch=1000", "--config.log.figures=False",
         "--config.log.tensorboard=False"]
 HEARTBEAT_S = 10
 TIMEOUT_S = 600
@@ -65,10 +70,10 @@ def draw_fault(rng: random.Random, two_process_share: float) -> Fault:
   processes = 2 if rng.random() < two_process_share else 1
   victims = tuple(range(processes)) if processes == 1 or rng.random() < 1 / 3 else (
       rng.randrange(processes),)
-  # Mid-epoch train stops land in epochs 1..3; evaluation and saves also at the run's end.
+  # Evaluation and saves are hit at the run's end too.
   return Fault(processes, rng.choice([signal.SIGKILL, signal.SIGTERM]), victims,
                rng.choice(["train", "eval", "checkpoint"]), rng.randint(1, EPOCHS),
-               rng.randint(1, STEPS_PER_EPOCH - 7))
+               rng.randint(1, STEPS_PER_EPOCH - 30))
 
 
 def _free_port() -> int:
@@ -304,6 +309,48 @@ def disk_full_trial(n: int, rng: random.Random, root: str, reference: dict,
   return result
 
 
+# Root without the capabilities that override file permissions: chmod 000 then binds it.
+_NO_FILE_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                     "--inh-caps=-dac_override,-dac_read_search", "--"]
+
+
+def unreadable_trial(n: int, rng: random.Random, root: str, reference: dict,
+                     cache_dir: str) -> dict:
+  """A one-process run SIGKILLed in its last epoch; then its latest checkpoint, or the whole
+  checkpoints directory, is made unreadable (chmod 000) and the command rerun: it must stop
+  with one message. With the access restored, the rerun must resume bit for bit."""
+  workdir = os.path.join(root, f"trial{n:03d}")
+  shutil.rmtree(workdir, ignore_errors=True)
+  os.makedirs(workdir)
+  commands, env = _commands(workdir, 1), _env(1, cache_dir)
+  fault = Fault(1, signal.SIGKILL, (0,), "train", EPOCHS, rng.randint(1, STEPS_PER_EPOCH - 30))
+  runs = Runs(commands, env, root, f"trial{n:03d}.killed")
+  injected = inject(fault, runs, workdir)
+  killed_rcs = runs.wait(TIMEOUT_S)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  latest = max((d for d in os.listdir(checkpoints) if d.isdigit()), key=int)
+  target = rng.choice([os.path.join(checkpoints, latest), checkpoints])
+  os.chmod(target, 0)
+  try:
+    denied = Runs([_NO_FILE_OVERRIDE + commands[0]], env, root, f"trial{n:03d}.denied")
+    rcs = denied.wait(TIMEOUT_S)
+  finally:
+    os.chmod(target, 0o755)
+  errors = [line for line in denied.stderr(0).splitlines() if line.startswith("error: ")]
+  resumed_rcs = Runs(commands, env, root, f"trial{n:03d}.resumed").wait(TIMEOUT_S)
+  what = "checkpoint" if target != checkpoints else "checkpoints directory"
+  result = {"trial": n, "kind": f"unreadable {what} of 1", "phase": injected["hit"],
+            "epoch": EPOCHS, "killed_rcs": killed_rcs, "denied_rcs": rcs,
+            "resumed_rcs": resumed_rcs, "survivors": {},
+            "message": errors[-1][:300] if errors else denied.stderr(0)[-300:],
+            "clean_message": rcs == [1] and len(errors) == 1
+            and "Traceback" not in denied.stderr(0),
+            **compare(workdir, reference, injected["rows_before"])}
+  if result["bitwise"]:
+    shutil.rmtree(workdir)
+  return result
+
+
 def summarize(results: list[dict]) -> dict:
   survivors = [s for r in results for s in r["survivors"].values()]
   return {
@@ -317,25 +364,30 @@ def summarize(results: list[dict]) -> dict:
       "lost_peer_survivors": len(survivors),
       "lost_peer_one_message_exit_75": sum(s["clean"] for s in survivors),
       "lost_peer_max_seconds": max((s["seconds"] or 0 for s in survivors), default=None),
-      "disk_full_clean_message": sum(r.get("clean_message", False) for r in results),
+      "disk_full_or_unreadable_trials": sum("clean_message" in r for r in results),
+      "disk_full_or_unreadable_one_message": sum(r.get("clean_message", False) for r in results),
   }
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--trials", type=int, default=50)
+  parser.add_argument("--deadline_s", type=float, default=float("inf"),
+                      help="start no trial after this many seconds (the summary counts those run)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--workdir", default="/tmp/jaxvae_faults")
   parser.add_argument("--two_process_share", type=float, default=0.5)
   parser.add_argument("--disk_full_share", type=float, default=0.1,
                       help="share of trials in a full tmpfs (needs root; 0 otherwise)")
+  parser.add_argument("--unreadable_share", type=float, default=0.1,
+                      help="share of trials with an unreadable checkpoint (needs root)")
   args = parser.parse_args()
   rng = random.Random(args.seed)
   os.makedirs(args.workdir, exist_ok=True)
   cache_dir = os.path.join(args.workdir, "compilation_cache")
-  disk_full_share = args.disk_full_share if os.geteuid() == 0 else 0.0
-  if args.disk_full_share and not disk_full_share:
-    print("no disk-full trials: mounting a small tmpfs needs root", flush=True)
+  root_only = (args.disk_full_share, args.unreadable_share) if os.geteuid() == 0 else (0, 0)
+  if (args.disk_full_share or args.unreadable_share) and not any(root_only):
+    print("no disk-full or unreadable trials: they need root (mount, setpriv)", flush=True)
   t0 = time.monotonic()
   references = {1: run_reference(args.workdir, 1, cache_dir)}
   if args.two_process_share:
@@ -344,8 +396,13 @@ def main():
           f"{references[1]['digest'] == references[2]['digest']}", flush=True)
   results = []
   for n in range(args.trials):
-    if rng.random() < disk_full_share:
+    if time.monotonic() - t0 > args.deadline_s:
+      break
+    draw = rng.random()
+    if draw < root_only[0]:
       result = disk_full_trial(n, rng, args.workdir, references[1], cache_dir)
+    elif draw < sum(root_only):
+      result = unreadable_trial(n, rng, args.workdir, references[1], cache_dir)
     else:
       fault = draw_fault(rng, args.two_process_share)
       result = trial(n, fault, args.workdir, references[fault.processes], cache_dir)

@@ -164,7 +164,8 @@ def test_the_fault_benchmark_resumes_its_trials_bitwise(tmp_path):
   full disk): each resumed run equals the uninterrupted one bit for bit, no row lost or twice."""
   proc = subprocess.run(
       [sys.executable, "benchmarks/faults.py", "--trials=2", "--seed=3",
-       "--two_process_share=0", "--disk_full_share=0", f"--workdir={tmp_path}"],
+       "--two_process_share=0", "--disk_full_share=0", "--unreadable_share=0",
+       f"--workdir={tmp_path}"],
       cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
       timeout=600)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
