@@ -72,8 +72,7 @@ def _train(config, workdir: str, overwrite: bool):
     parallel.stop_watching()
     raise
   parallel.stop_watching()
-  # No process leaves (taking the coordinator with process 0) while another still watches.
-  parallel.barrier("every process stopped watching")
+  parallel.finish()
   return result
 
 

@@ -162,7 +162,7 @@ def _unfinished_save(workdir: str, epoch: int | None = None) -> bool:
       ".orbax-checkpoint-tmp" in n and n.startswith(prefix) for n in os.listdir(path))
 
 
-def _moment_reached(fault: Fault, runs: Runs, new: str, workdir: str, state: dict) -> bool:
+def _moment_reached(fault: Fault, runs: Runs, workdir: str, state: dict) -> bool:
   """Whether the fault's moment has come, from the bar and the checkpoint directory."""
   bars = _BAR.findall(runs.tail)
   if bars:
@@ -170,10 +170,10 @@ def _moment_reached(fault: Fault, runs: Runs, new: str, workdir: str, state: dic
   epoch, done, total = state.get("bar", (0, 0, 0))
   if fault.phase == "train":
     return epoch == fault.epoch and fault.at_step <= done < total
-  if fault.phase == "eval":
-    if epoch == fault.epoch and _BAR_CLOSED.search(new):
-      return True
-    return False
+  if fault.phase == "eval":  # the epoch's bar cleared (tqdm, leave=False): evaluating now
+    last = list(_BAR.finditer(runs.tail))
+    return bool(last) and int(last[-1].group(1)) == fault.epoch and (
+        _BAR_CLOSED.search(runs.tail, last[-1].end()) is not None)
   return _unfinished_save(workdir, fault.epoch)
 
 
@@ -181,8 +181,8 @@ def inject(fault: Fault, runs: Runs, workdir: str) -> dict:
   """Waits for the fault's moment and sends the signal; returns what was hit."""
   state, deadline = {}, time.monotonic() + TIMEOUT_S
   while time.monotonic() < deadline and all(p.poll() is None for p in runs.procs):
-    new = runs.read(0.002)
-    if _moment_reached(fault, runs, new, workdir, state):
+    runs.read(0.002)
+    if _moment_reached(fault, runs, workdir, state):
       rows = _rows(workdir)
       for i in fault.victims:
         runs.procs[i].send_signal(fault.signum)
@@ -246,7 +246,8 @@ def trial(n: int, fault: Fault, root: str, reference: dict, cache_dir: str) -> d
   survivors = _survivors(fault, runs, rcs, injected["sent"])
   resumed = Runs(commands, env, root, f"trial{n:03d}.resumed")
   resumed_rcs = resumed.wait(TIMEOUT_S)
-  result = {"trial": n, "kind": fault.kind(), "phase": injected["hit"], "epoch": fault.epoch,
+  result = {"trial": n, "kind": fault.kind(), "target": fault.phase, "phase": injected["hit"],
+            "epoch": fault.epoch,
             "killed_rcs": rcs, "resumed_rcs": resumed_rcs, "survivors": survivors,
             **compare(workdir, reference, injected["rows_before"])}
   if result["bitwise"]:

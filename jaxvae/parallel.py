@@ -265,6 +265,27 @@ def stop_watching() -> None:
   _watch.stopped.set()
 
 
+def finish() -> None:
+  """Leaves a multi-process run in order, after `stop_watching`: every process but 0
+  disconnects first, and process 0, whose coordinator they need until then, waits for that (at
+  most the heartbeat timeout). Left to JAX's exit, the coordinator (recoverable, see
+  `initialize`) may go first, and XLA aborts a process still disconnecting."""
+  if jax.process_count() == 1:
+    return
+  barrier("every process stopped watching")
+  if is_primary():
+    ids = list(range(jax.process_count()))
+    deadline = time.monotonic() + _watch.heartbeat_timeout_s
+    while time.monotonic() < deadline:
+      try:
+        if set(_client().get_live_nodes(ids)) <= {0}:
+          break
+      except Exception:  # nothing more to wait for
+        break
+      time.sleep(0.05)
+  jax.distributed.shutdown()
+
+
 def peer_failure(e: BaseException) -> bool:
   """Whether `e` (or an exception it came from) is a collective that failed because another
   process of a multi-process run is gone."""
