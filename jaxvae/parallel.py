@@ -245,7 +245,7 @@ def watch_peers(describe, interval_s: float = 1.0) -> None:
   """Starts a thread that ends this process with `exit_peer_lost` once the coordinator stops
   hearing from a process (after the heartbeat timeout) or cannot be reached itself: a process
   waiting outside a collective (in a checkpoint barrier, say) would otherwise hang.
-  `describe(who)` makes the message ("process 1") . Nothing to watch in a single-process run."""
+  `describe(who)` makes the message (who: "process 1"). Nothing to watch in a single-process run."""
   if jax.process_count() == 1:
     return
   _watch.describe = describe

@@ -125,7 +125,7 @@ def test_train_py_killed_peer_message_names_the_checkpoint_and_the_command(tmp_p
   the message, and the two commands run again resume and finish the run, each row once."""
   workdir = tmp_path / "run"
   address = f"127.0.0.1:{_free_port()}"
-  cmds = [[sys.executable, "train.py", *TINY, "--workdir", str(workdir), "--config.num_epochs=3",
+  cmds = [[sys.executable, "train.py", *TINY, "--workdir", str(workdir), "--config.num_epochs=2",
            f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
            f"--heartbeat_timeout={HEARTBEAT_S}"] for i in range(2)]
   procs = [subprocess.Popen(cmd, cwd=REPO, env=_env(1), stdout=subprocess.PIPE,
@@ -155,7 +155,7 @@ def test_train_py_killed_peer_message_names_the_checkpoint_and_the_command(tmp_p
   assert [p.returncode for p in resumed] == [0, 0], resumed[0].stderr[-3000:]
   assert "resumed from step" in resumed[0].stdout
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows] == [46, 92, 138]
+  assert [r["step"] for r in rows] == [46, 92]
 
 
 @pytest.mark.slow
