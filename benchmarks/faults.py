@@ -271,13 +271,15 @@ def compare(workdir: str, reference: dict, rows_before: list) -> dict:
 
 
 def run_reference(root: str, processes: int, cache_dir: str) -> dict:
+  """The uninterrupted run, or the one a previous invocation left complete in ROOT."""
   workdir = os.path.join(root, f"reference{processes}")
-  shutil.rmtree(workdir, ignore_errors=True)
-  runs = Runs(_commands(workdir, processes), _env(processes, cache_dir), root,
-              f"reference{processes}")
-  rcs = runs.wait(TIMEOUT_S)
-  if any(rcs):
-    sys.exit(f"the uninterrupted {processes}-process run failed ({rcs}); see {runs.logs}")
+  if len(_rows(workdir)) != EPOCHS:
+    shutil.rmtree(workdir, ignore_errors=True)
+    runs = Runs(_commands(workdir, processes), _env(processes, cache_dir), root,
+                f"reference{processes}")
+    rcs = runs.wait(TIMEOUT_S)
+    if any(rcs):
+      sys.exit(f"the uninterrupted {processes}-process run failed ({rcs}); see {runs.logs}")
   rows = _rows(workdir)
   return {"digest": digest(workdir), "rows": _UNTIMED(rows), "steps": [r["step"] for r in rows]}
 
@@ -329,8 +331,9 @@ def unreadable_trial(n: int, rng: random.Random, root: str, reference: dict,
   injected = inject(fault, runs, workdir)
   killed_rcs = runs.wait(TIMEOUT_S)
   checkpoints = os.path.join(workdir, "checkpoints")
-  latest = max((d for d in os.listdir(checkpoints) if d.isdigit()), key=int)
-  target = rng.choice([os.path.join(checkpoints, latest), checkpoints])
+  complete = [d for d in os.listdir(checkpoints) if d.isdigit()]
+  target = rng.choice(([os.path.join(checkpoints, max(complete, key=int))] if complete else [])
+                      + [checkpoints])
   os.chmod(target, 0)
   try:
     denied = Runs([_NO_FILE_OVERRIDE + commands[0]], env, root, f"trial{n:03d}.denied")
@@ -395,21 +398,28 @@ def main():
     references[2] = run_reference(args.workdir, 2, cache_dir)
     print(f"references: one process on two devices and two processes agree bitwise: "
           f"{references[1]['digest'] == references[2]['digest']}", flush=True)
-  results = []
+  results, harness_errors = [], []
   for n in range(args.trials):
     if time.monotonic() - t0 > args.deadline_s:
       break
     draw = rng.random()
-    if draw < root_only[0]:
-      result = disk_full_trial(n, rng, args.workdir, references[1], cache_dir)
-    elif draw < sum(root_only):
-      result = unreadable_trial(n, rng, args.workdir, references[1], cache_dir)
-    else:
-      fault = draw_fault(rng, args.two_process_share)
-      result = trial(n, fault, args.workdir, references[fault.processes], cache_dir)
+    try:
+      if draw < root_only[0]:
+        result = disk_full_trial(n, rng, args.workdir, references[1], cache_dir)
+      elif draw < sum(root_only):
+        result = unreadable_trial(n, rng, args.workdir, references[1], cache_dir)
+      else:
+        fault = draw_fault(rng, args.two_process_share)
+        result = trial(n, fault, args.workdir, references[fault.processes], cache_dir)
+    except Exception as e:  # the harness's own failure: counted, and the next trial goes on
+      result = {"trial": n, "harness_error": f"{type(e).__name__}: {e}"}
+      print(json.dumps(result), flush=True)
+      harness_errors.append(result)
+      continue
     results.append(result)
     print(json.dumps(result), flush=True)
-  summary = dict(summarize(results), seconds=round(time.monotonic() - t0))
+  summary = dict(summarize(results), harness_errors=len(harness_errors),
+                 seconds=round(time.monotonic() - t0))
   print(json.dumps(summary), flush=True)
 
 
