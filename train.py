@@ -5,7 +5,9 @@ SIGTERM saves a checkpoint first and exits with status 128 + the signal number.
 
 Several processes (e.g. one per GPU host) run the same command, each with its own
 --process_id (or JAX_PROCESS_ID), the same --coordinator_address (process 0's host:port) and
---num_processes; under SLURM or Open MPI, --distributed reads all three from the cluster.
+--num_processes; under SLURM or Open MPI, --distributed reads all three from the cluster. When a
+process stops answering (killed, its host lost), the others end within --heartbeat_timeout
+seconds with one message naming it and exit status 75; rerunning every command resumes.
 """
 
 import os
@@ -13,6 +15,7 @@ import shlex
 import signal
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -29,9 +32,48 @@ flags.DEFINE_integer("num_processes", None, "Processes in the run (or JAX_NUM_PR
 flags.DEFINE_integer("process_id", None, "This process, 0..num_processes-1 (or JAX_PROCESS_ID).")
 flags.DEFINE_bool("distributed", False,
                   "Join a multi-process run whose settings JAX detects (SLURM, Open MPI, TPU).")
+flags.DEFINE_integer("heartbeat_timeout", parallel.HEARTBEAT_TIMEOUT_S,
+                     "Seconds without a heartbeat after which a process of a multi-process run "
+                     "counts as lost and the others stop.")
 flags.DEFINE_bool("overwrite", False,
                   "Delete the run already in --workdir (even one of another config) and start over.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _resume_command() -> str:
+  """This process's command line, less --overwrite: what resumes the run."""
+  command = [a for a in sys.argv if a.split("=")[0] not in ("--overwrite", "-overwrite")]
+  return shlex.join(["python"] + command)
+
+
+def _last_checkpoint(workdir: str) -> str:
+  """The newest complete checkpoint in WORKDIR (orbax renames a save's directory to its step
+  only once every process has written it)."""
+  path = os.path.join(workdir, "checkpoints")
+  steps = [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
+  return f"step {max(steps)} in {path}" if steps else f"none yet in {path}"
+
+
+def _lost_peer_message(who: str) -> str:
+  workdir = flags.FLAGS.workdir
+  return (f"{who} of this multi-process run stopped answering (killed, or its host lost), so "
+          f"process {jax.process_index()} stopped too. The last complete checkpoint is "
+          f"{_last_checkpoint(workdir)} (a save cut short is set aside on resume); start every "
+          f"process again with its own command to resume, this one's: {_resume_command()}")
+
+
+def _train(config, workdir: str, overwrite: bool):
+  """train_and_evaluate, ending this process with one message when another process is lost."""
+  try:
+    result = train_and_evaluate(config, workdir, overwrite)
+  except BaseException as e:
+    if parallel.peer_failure(e):
+      parallel.exit_peer_lost(parallel.lost_peer(e))
+    parallel.stop_watching()
+    raise
+  parallel.stop_watching()
+  parallel.finish()
+  return result
 
 
 def main(argv):
@@ -40,13 +82,14 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   if parallel.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
-                         flags.FLAGS.process_id, auto_detect=flags.FLAGS.distributed):
+                         flags.FLAGS.process_id, auto_detect=flags.FLAGS.distributed,
+                         heartbeat_timeout_s=flags.FLAGS.heartbeat_timeout):
     if not parallel.is_primary():
       sys.stdout = open(os.devnull, "w")  # process 0 reports for the whole run
-  result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.overwrite)
+    parallel.watch_peers(_lost_peer_message)
+  result = _train(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.overwrite)
   if result.stopped_by:
-    command = [a for a in sys.argv if a.split("=")[0] not in ("--overwrite", "-overwrite")]
-    print(f"to resume: {shlex.join(['python'] + command)}", flush=True)
+    print(f"to resume: {_resume_command()}", flush=True)
     sys.exit(128 + signal.Signals[result.stopped_by].value)
 
 

@@ -46,8 +46,18 @@ def make_manager(workdir: str, keep: int, config_json: dict | None = None) -> oc
       create=True, enable_async_checkpointing=True)
   registry = ocp.handlers.create_default_handler_registry(
       arrays=ocp.StandardCheckpointHandler(), progress=ocp.JsonCheckpointHandler())
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options, metadata=config_json, handler_registry=registry)
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  try:
+    return ocp.CheckpointManager(directory, options=options, metadata=config_json,
+                                 handler_registry=registry)
+  except OSError as e:  # orbax lists the directory (and reads its metadata) at once
+    raise _unreadable(directory, e) from None
+
+
+def _unreadable(path: str, e: OSError) -> CheckpointError:
+  return CheckpointError(
+      f"{path} cannot be read or changed ({_root_cause(e)}); give this user read and write "
+      f"access to it (e.g. chmod -R u+rwX {path}) and rerun the same command to resume")
 
 
 def _is_key(x) -> bool:
@@ -210,11 +220,18 @@ def _move_aside(manager: ocp.CheckpointManager, name: str, why: str) -> None:
     return
   src = os.path.join(str(manager.directory), name)
   bad_dir = os.path.join(os.path.dirname(str(manager.directory)), "bad_checkpoints")
-  os.makedirs(bad_dir, exist_ok=True)
   dst = os.path.join(bad_dir, name)
   if os.path.exists(dst):
     dst += time.strftime("-%Y%m%d-%H%M%S")
-  os.rename(src, dst)
+  try:
+    os.makedirs(bad_dir, exist_ok=True)
+    os.rename(src, dst)  # a directory needs write access of its own to move (its "..")
+  except OSError as e:
+    raise CheckpointError(
+        f"checkpoint {src} {why.split('; ')[0]}, and it cannot be moved aside to {bad_dir} "
+        f"({_root_cause(e)}); give this user access to it (e.g. chmod -R u+rwX {src}) to "
+        "resume from it, or move it away yourself to resume from the one before, then rerun "
+        "the same command") from None
   print(f"checkpoint {src} {why}; moved it to {dst}", flush=True)
 
 
@@ -226,7 +243,11 @@ def restore_latest(manager: ocp.CheckpointManager, template, sharding=None,
   message, so the run goes on from the previous good one and later saves cannot collide
   with them. A checkpoint that reads but does not fit `template` raises CheckpointError.
   """
-  for name in sorted(os.listdir(manager.directory)):
+  try:
+    names = sorted(os.listdir(manager.directory))
+  except OSError as e:
+    raise _unreadable(str(manager.directory), e) from None
+  for name in names:
     if _UNFINISHED in name:
       _move_aside(manager, name, "is a save that never finished (the run stopped while "
                   "writing it)")
@@ -235,6 +256,7 @@ def restore_latest(manager: ocp.CheckpointManager, template, sharding=None,
   unreadable = []
   for step in reversed(manager.all_steps()):
     try:
+      os.listdir(os.path.join(str(manager.directory), str(step)))  # orbax hides EACCES
       tree, progress = restore(manager, step, template, sharding, legacy)
     except CheckpointError:
       raise

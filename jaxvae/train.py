@@ -306,9 +306,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with _StopRequest() as stop:
       state, history, stop_signum = _train_loop(training, state, keys, sums, train_chunk,
                                                 evaluator, stop)
-  except BaseException:
-    # An error must not cut the last good checkpoint short, nor be hidden by a failed save.
-    checkpoint.close(training.manager, raise_errors=False)
+  except BaseException as e:
+    # An error must not cut the last good checkpoint short, nor be hidden by a failed save;
+    # with another process gone, a save in flight never completes (orbax waits for it).
+    if not parallel.peer_failure(e):
+      checkpoint.close(training.manager, raise_errors=False)
     raise
   else:
     checkpoint.close(training.manager)

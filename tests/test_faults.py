@@ -1,0 +1,178 @@
+"""Faults of multi-process runs: a process killed without warning ends the others with one
+message, the persistent compilation cache cannot take a multi-process CPU run down, and a few
+random faults of benchmarks/faults.py resume bit for bit.
+
+Every multi-process run here is two local processes joined over loopback (see
+tests/test_parallel.py), with a short heartbeat so that a lost peer is noticed in seconds.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import REPO
+from test_parallel import TINY, _env, _free_port, _run_all
+
+HEARTBEAT_S = 5
+
+# Two processes in a loop of barriers (collectives), or process 0 waiting outside any collective
+# (as in a checkpoint barrier), each watching its peer as train.py does.
+PEER_SCRIPT = textwrap.dedent("""
+  import sys, time
+  from jaxvae import parallel
+  address, process_id, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+  parallel.initialize(address, 2, process_id, heartbeat_timeout_s=%d)
+  parallel.watch_peers(lambda who: f"{who} stopped answering; resume from step 7")
+  print("ready", flush=True)
+  try:
+    i = 0
+    while True:
+      if mode == "waiting" and process_id == 0:
+        time.sleep(1)
+      else:
+        parallel.barrier(f"step {i}")
+        i += 1
+  except Exception as e:
+    if parallel.peer_failure(e):
+      parallel.exit_peer_lost(parallel.lost_peer(e))
+    raise
+""" % HEARTBEAT_S)
+
+
+def _start_peers(mode: str) -> list[subprocess.Popen]:
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen([sys.executable, "-c", PEER_SCRIPT, address, str(i), mode],
+                            cwd=REPO, env=_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for p in procs:  # both joined: killing one earlier would stall the other's initialize
+    assert p.stdout.readline().strip() == "ready", p.stderr.read()[-3000:]
+  return procs
+
+
+@pytest.mark.parametrize("mode", ["collective", "waiting"])
+def test_a_peer_killed_without_warning_ends_the_other_with_one_message(mode):
+  """In a collective the survivor learns at once (gloo's connection closes); waiting outside
+  one, from the coordinator after the heartbeat timeout. Either way: one line, exit 75, no
+  stack trace, where XLA used to abort with hundreds of lines."""
+  procs = _start_peers(mode)
+  try:
+    time.sleep(0.5)
+    procs[1].send_signal(signal.SIGKILL)
+    # A deadline for a hang only (the run's own bound is the heartbeat timeout).
+    out, err = procs[0].communicate(timeout=HEARTBEAT_S + 120)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.communicate()
+  assert procs[0].returncode == 75, err[-3000:]
+  lines = [line for line in err.splitlines() if line.strip() and "Gloo" not in line
+           and "recoverable task feature" not in line]
+  assert lines == ["error: process 1 stopped answering; resume from step 7"], err[-3000:]
+
+
+PROGRAM = textwrap.dedent("""
+  import json, sys
+  import numpy as np
+  from jaxvae import parallel
+  parallel.initialize(sys.argv[1], 2, int(sys.argv[2]))
+  import jax, jax.numpy as jnp
+  mesh = parallel.make_mesh()
+  x = jax.make_array_from_callback((4, 16), parallel.batch_sharded(mesh),
+                                   lambda i: np.arange(32, dtype=np.float32).reshape(2, 16))
+  out = jax.jit(lambda x: (jnp.sum(x, 0), jnp.max(x)))(x)
+  print(json.dumps({"cache": jax.config.jax_enable_compilation_cache,
+                    "out": [np.asarray(o).tolist() for o in out]}))
+""")
+
+
+def test_a_second_two_process_cpu_run_with_the_compilation_cache_set_works(tmp_path,
+                                                                         compilation_cache):
+  """A first run used to fill the cache from process 0 alone, and the second to abort in gloo
+  (process 0 running cached programs, process 1 fresh ones); now the cache is not used with
+  several CPU processes, said once by process 0, and both runs agree."""
+  env = {**_env(1), **compilation_cache,
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+  runs = []
+  for _ in range(2):
+    address = f"127.0.0.1:{_free_port()}"
+    procs = _run_all([[sys.executable, "-c", PROGRAM, address, str(i)] for i in range(2)],
+                     [env, env])
+    for p in procs:
+      assert p.returncode == 0, p.stderr[-3000:]
+    runs.append(procs)
+  for procs in runs:
+    said = [p.stdout.count("persistent compilation cache") for p in procs]
+    assert said == [1, 0]
+    assert "jax-ml/jax#38445" in procs[0].stdout
+    outs = [json.loads(p.stdout.strip().splitlines()[-1]) for p in procs]
+    assert outs[0] == outs[1] and outs[0]["cache"] is False
+  assert json.loads(runs[0][0].stdout.splitlines()[-1]) == json.loads(
+      runs[1][0].stdout.splitlines()[-1])
+  cache = tmp_path / "cache"
+  assert not cache.exists() or not any(cache.iterdir())  # nothing cached to disagree on
+
+
+@pytest.mark.slow
+def test_train_py_killed_peer_message_names_the_checkpoint_and_the_command(tmp_path):
+  """The real command: process 1 SIGKILLed after epoch 1's checkpoint; process 0 stops with
+  the message, and the two commands run again resume and finish the run, each row once."""
+  workdir = tmp_path / "run"
+  address = f"127.0.0.1:{_free_port()}"
+  cmds = [[sys.executable, "train.py", *TINY, "--workdir", str(workdir), "--config.num_epochs=2",
+           f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
+           f"--heartbeat_timeout={HEARTBEAT_S}"] for i in range(2)]
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for cmd in cmds]
+  try:
+    deadline = time.monotonic() + 240
+    while not (workdir / "checkpoints" / "46").exists():
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    out, err = procs[0].communicate(timeout=HEARTBEAT_S + 120)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert procs[0].returncode == 75, err[-3000:]
+  errors = [line for line in err.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "Traceback" not in err and "Fatal Python error" not in err, err
+  assert errors[0].startswith("error: process 1 of this multi-process run stopped answering")
+  assert "The last complete checkpoint is step " in errors[0]
+  assert f"{workdir}/checkpoints" in errors[0] and "--process_id=0" in errors[0]
+
+  address = f"127.0.0.1:{_free_port()}"
+  resumed = _run_all([[a if not a.startswith("--coordinator_address") else
+                       f"--coordinator_address={address}" for a in cmd] for cmd in cmds],
+                     [_env(1), _env(1)])
+  assert [p.returncode for p in resumed] == [0, 0], resumed[0].stderr[-3000:]
+  assert "resumed from step" in resumed[0].stdout
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [46, 92]
+
+
+@pytest.mark.slow
+def test_the_fault_benchmark_resumes_its_trials_bitwise(tmp_path):
+  """Two random faults of one-process runs (the long benchmark mixes in two-process runs and a
+  full disk): each resumed run equals the uninterrupted one bit for bit, no row lost or twice."""
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/faults.py", "--trials=2", "--seed=3",
+       "--two_process_share=0", "--disk_full_share=0", "--unreadable_share=0",
+       f"--workdir={tmp_path}"],
+      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  trials, summary = lines[:-1], lines[-1]
+  assert summary["trials"] == len(trials) == 2
+  assert all(not t["phase"].startswith("missed") for t in trials), trials
+  assert summary["resumed_bitwise"] == 2, trials
+  assert summary["lost_rows"] == summary["duplicated_rows"] == 0
+  assert sum(summary["kinds"].values()) == 2
