@@ -175,8 +175,8 @@ def test_unreadable_checkpoints_stop_with_one_clear_error(tmp_path, monkeypatch)
   """A checkpoint this user may not read (chmod 000; root here, so the refusals are faked) is
   set aside, but one it may not move either stops the run, as does an unreadable checkpoints
   directory: each with a CheckpointError naming the path and the fix, nothing moved."""
-  _, model, tx, keys, state = _model_state()
-  _three_checkpoints(str(tmp_path), model, tx, keys, state)
+  _, exp, keys, state = _model_state()
+  _three_checkpoints(str(tmp_path), exp, keys, state)
   ckpts = str(tmp_path / "checkpoints")
   manager = checkpoint.make_manager(str(tmp_path), keep=5)
   listdir, denied = os.listdir, set()
@@ -193,14 +193,14 @@ def test_unreadable_checkpoints_stop_with_one_clear_error(tmp_path, monkeypatch)
   monkeypatch.setattr(os, "rename", no_rename)
   denied.add(os.path.join(ckpts, "3"))
   with pytest.raises(checkpoint.CheckpointError) as error:
-    checkpoint.restore_latest(manager, _template(model, tx, keys))
+    checkpoint.restore_latest(manager, _template(exp, keys))
   assert f"checkpoint {ckpts}/3 cannot be read (PermissionError" in str(error.value)
   assert "cannot be moved aside" in str(error.value) and f"chmod -R u+rwX {ckpts}/3" in str(
       error.value)
   denied.add(ckpts)
   with pytest.raises(checkpoint.CheckpointError, match=f"{ckpts} cannot be read or changed "
                      r"\(Permission denied: .*chmod -R u\+rwX"):
-    checkpoint.restore_latest(manager, _template(model, tx, keys))
+    checkpoint.restore_latest(manager, _template(exp, keys))
   monkeypatch.undo()
   manager.close()
   assert sorted(os.listdir(ckpts)) == ["1", "2", "3"]
