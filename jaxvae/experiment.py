@@ -43,17 +43,17 @@ class Experiment:
     """The structure, shapes and dtypes a checkpoint of this experiment holds."""
     return {"state": jax.eval_shape(self.init_state, keys.init), "keys": keys.as_dict()}
 
-  def legacy_checkpoint(self, keys: Keys) -> checkpoint.Legacy | None:
+  def legacy_checkpoint(self, template: dict) -> checkpoint.Legacy | None:
     """How to read a checkpoint written before parameter groups had names (its state held the
     model's parameters and one optimizer state directly): into the group "vae", for an
-    objective that trains that group alone. None for any other objective."""
-    new = self.checkpoint_template(keys)
-    state = new["state"]
+    objective that trains that group alone; `template` is `checkpoint_template(keys)`. None
+    for any other objective."""
+    state = template["state"]
     if set(state.params) != {VAE_GROUP} or set(state.opt_state) != {VAE_GROUP}:
       return None
     old = {"state": state.replace(params=state.params[VAE_GROUP],
                                   opt_state=state.opt_state[VAE_GROUP]),
-           "keys": new["keys"]}
+           "keys": template["keys"]}
 
     def convert(tree):
       s = tree["state"]

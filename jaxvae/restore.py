@@ -58,9 +58,10 @@ def restore_run(workdir: str, step: int | None = None) -> TrainedRun:
   if step is None:
     raise RunError(f"{workdir}/checkpoints holds no checkpoint; train first (or let the run "
                    "reach its first evaluation)")
-  tree, progress = checkpoint.restore(manager, step, exp.checkpoint_template(keys),
+  template = exp.checkpoint_template(keys)
+  tree, progress = checkpoint.restore(manager, step, template,
                                       parallel.replicated(parallel.make_mesh()),
-                                      exp.legacy_checkpoint(keys))
+                                      exp.legacy_checkpoint(template))
   manager.close()
   return TrainedRun(config, ds, exp, tree["state"], Keys(**tree["keys"]), progress)
 

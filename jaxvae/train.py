@@ -357,8 +357,9 @@ def _restore_or_init(training: _Training) -> tuple[TrainState, Keys, dict]:
   config, mesh, exp = training.config, training.mesh, training.experiment
   # Replicated over the mesh, like the state: orbax saves only global arrays in a multi-process run.
   keys = Keys(**parallel.replicate(Keys.from_seed(config.seed).as_dict(), mesh))
-  restored = checkpoint.restore_latest(training.manager, exp.checkpoint_template(keys),
-                                       parallel.replicated(mesh), exp.legacy_checkpoint(keys))
+  template = exp.checkpoint_template(keys)
+  restored = checkpoint.restore_latest(training.manager, template, parallel.replicated(mesh),
+                                       exp.legacy_checkpoint(template))
   if restored is None:
     state, sums = parallel.replicate(exp.init_state(keys.init), mesh), {}
     summary = experiment.summary(exp, state.params)

@@ -516,6 +516,6 @@ def test_a_checkpoint_from_before_named_groups_restores_into_the_vae_group(tmp_p
   with pytest.raises(checkpoint.CheckpointError, match="state.params.vae.params.encoder"):
     checkpoint.restore(manager, 1, _template(exp, keys))  # no legacy layout given
   step, tree, _ = checkpoint.restore_latest(manager, _template(exp, keys),
-                                            legacy=exp.legacy_checkpoint(keys))
+                                            legacy=exp.legacy_checkpoint(_template(exp, keys)))
   assert step == 1 and _bitwise_equal(tree["state"], state)
   manager.close()

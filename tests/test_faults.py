@@ -6,6 +6,7 @@ Every multi-process run here is two local processes joined over loopback (see
 tests/test_parallel.py), with a short heartbeat so that a lost peer is noticed in seconds.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -55,22 +56,33 @@ def _start_peers(mode: str) -> list[subprocess.Popen]:
   return procs
 
 
-@pytest.mark.parametrize("mode", ["collective", "waiting"])
-def test_a_peer_killed_without_warning_ends_the_other_with_one_message(mode):
-  """In a collective the survivor learns at once (gloo's connection closes); waiting outside
-  one, from the coordinator after the heartbeat timeout. Either way: one line, exit 75, no
-  stack trace, where XLA used to abort with hundreds of lines."""
-  procs = _start_peers(mode)
+@contextlib.contextmanager
+def _reaped(procs):
+  """Yields `procs`; on leaving, kills and reaps whichever still runs."""
   try:
-    time.sleep(0.5)
-    procs[1].send_signal(signal.SIGKILL)
-    # A deadline for a hang only (the run's own bound is the heartbeat timeout).
-    out, err = procs[0].communicate(timeout=HEARTBEAT_S + 120)
+    yield procs
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
       p.communicate()
+
+
+def _kill_peer(procs) -> str:
+  """SIGKILLs process 1 and waits for process 0; returns its stderr. The deadline is for a
+  hang only (the run's own bound is the heartbeat timeout)."""
+  procs[1].send_signal(signal.SIGKILL)
+  return procs[0].communicate(timeout=HEARTBEAT_S + 120)[1]
+
+
+@pytest.mark.parametrize("mode", ["collective", "waiting"])
+def test_a_peer_killed_without_warning_ends_the_other_with_one_message(mode):
+  """In a collective the survivor learns at once (gloo's connection closes); waiting outside
+  one, from the coordinator after the heartbeat timeout. Either way: one line, exit 75, no
+  stack trace, where XLA used to abort with hundreds of lines."""
+  with _reaped(_start_peers(mode)) as procs:
+    time.sleep(0.5)
+    err = _kill_peer(procs)
   assert procs[0].returncode == 75, err[-3000:]
   lines = [line for line in err.splitlines() if line.strip() and "Gloo" not in line
            and "recoverable task feature" not in line]
@@ -130,17 +142,12 @@ def test_train_py_killed_peer_message_names_the_checkpoint_and_the_command(tmp_p
            f"--heartbeat_timeout={HEARTBEAT_S}"] for i in range(2)]
   procs = [subprocess.Popen(cmd, cwd=REPO, env=_env(1), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for cmd in cmds]
-  try:
+  with _reaped(procs):
     deadline = time.monotonic() + 240
     while not (workdir / "checkpoints" / "46").exists():
       assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
       time.sleep(0.05)
-    procs[1].send_signal(signal.SIGKILL)
-    out, err = procs[0].communicate(timeout=HEARTBEAT_S + 120)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+    err = _kill_peer(procs)
   assert procs[0].returncode == 75, err[-3000:]
   errors = [line for line in err.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and "Traceback" not in err and "Fatal Python error" not in err, err

@@ -20,6 +20,7 @@ import optax
 
 from jaxvae import models, optim
 from jaxvae.errors import ConfigError
+from jaxvae.state import VAE_GROUP
 
 # Keys every objective may read; each kind adds its own `defaults`.
 SHARED_DEFAULTS = {
@@ -64,12 +65,12 @@ class Objective:
 
   def init(self, rng: jax.Array, image_shape) -> dict[str, Any]:
     """The parameters of every group: {"vae": the model's}."""
-    return {"vae": models.init_params(self.model, rng, image_shape)}
+    return {VAE_GROUP: models.init_params(self.model, rng, image_shape)}
 
   def optimizers(self, steps_per_epoch: int) -> dict[str, optax.GradientTransformation]:
     """The optimizer of each trained group; a group without one (a frozen network) is held
     fixed. `steps_per_epoch` turns epoch schedules into steps."""
-    return {"vae": optim.make_optimizer(self.config.optimizer, steps_per_epoch)}
+    return {VAE_GROUP: optim.make_optimizer(self.config.optimizer, steps_per_epoch)}
 
   def gradients(self, params: dict[str, Any], rng: jax.Array, x: jax.Array, step: jax.Array
                 ) -> tuple[dict[str, jax.Array], dict[str, Any], dict[str, jax.Array]]:
@@ -78,9 +79,9 @@ class Objective:
     x: f32[B, H, W, C]; step: int32[], the optimizer steps taken before this one. Metrics hold
     "loss" (the objective's value) and the plain ELBO ("elbo_nats", "log_lik_nats", "kl_nats").
     """
-    (value, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(params["vae"], rng, x,
-                                                                         step)
-    return {"vae": value}, {"vae": grads}, metrics
+    (value, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(params[VAE_GROUP], rng,
+                                                                         x, step)
+    return {VAE_GROUP: value}, {VAE_GROUP: grads}, metrics
 
   def loss(self, params, rng: jax.Array, x: jax.Array, step: jax.Array
            ) -> tuple[jax.Array, dict[str, jax.Array]]:
