@@ -100,7 +100,8 @@ PROGRAM = textwrap.dedent("""
                                    lambda i: np.arange(32, dtype=np.float32).reshape(2, 16))
   out = jax.jit(lambda x: (jnp.sum(x, 0), jnp.max(x)))(x)
   print(json.dumps({"cache": jax.config.jax_enable_compilation_cache,
-                    "out": [np.asarray(o).tolist() for o in out]}))
+                    "out": [np.asarray(o).tolist() for o in out]}), flush=True)
+  parallel.finish()  # leave in order, as train.py does: the coordinator last
 """)
 
 
