@@ -71,7 +71,6 @@ def _train(config, workdir: str, overwrite: bool):
       parallel.exit_peer_lost(parallel.lost_peer(e))
     parallel.stop_watching()
     raise
-  parallel.stop_watching()
   parallel.finish()
   return result
 

@@ -11,6 +11,7 @@ stops answering (killed, its host lost) ends the others with one message and EXI
 (`watch_peers`, `peer_failure`, `exit_peer_lost`) rather than XLA's abort.
 """
 
+import atexit
 import os
 import sys
 import threading
@@ -77,6 +78,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   jax.distributed.initialize(coordinator_address, num_processes, process_id,
                              heartbeat_timeout_seconds=heartbeat_timeout_s)
   _watch.heartbeat_timeout_s = heartbeat_timeout_s
+  atexit.register(finish)
   _no_persistent_cache_on_cpu()
   return True
 
@@ -203,6 +205,7 @@ class _Watch:
     self.describe = lambda who: f"{who} stopped answering"
     self.stopped = threading.Event()
     self.lock = threading.Lock()
+    self.finished = False
 
 
 _watch = _Watch()
@@ -266,13 +269,20 @@ def stop_watching() -> None:
 
 
 def finish() -> None:
-  """Leaves a multi-process run in order, after `stop_watching`: every process but 0
-  disconnects first, and process 0, whose coordinator they need until then, waits for that (at
-  most the heartbeat timeout). Left to JAX's exit, the coordinator (recoverable, see
-  `initialize`) may go first, and XLA aborts a process still disconnecting."""
-  if jax.process_count() == 1:
+  """Leaves a multi-process run in order: every process but 0 disconnects first, and process 0,
+  whose coordinator they need until then, waits for that (at most the heartbeat timeout). Left
+  to JAX's exit, the coordinator (recoverable, see `initialize`) may go first, and XLA aborts a
+  process still disconnecting. `initialize` registers this to run at exit, so every program
+  leaves in order; calling it earlier is harmless (it runs once)."""
+  if jax.process_count() == 1 or _watch.finished:
     return
-  barrier("every process stopped watching")
+  _watch.finished = True
+  stop_watching()
+  timeout_ms = 1000 * _watch.heartbeat_timeout_s
+  try:  # bounded, unlike a collective: a process that failed alone must not hang the others
+    _client().wait_at_barrier("jaxvae.parallel.finish", timeout_ms)
+  except Exception:  # a peer already gone or failed: leave as JAX would
+    pass
   if is_primary():
     ids = list(range(jax.process_count()))
     deadline = time.monotonic() + _watch.heartbeat_timeout_s

@@ -101,7 +101,6 @@ PROGRAM = textwrap.dedent("""
   out = jax.jit(lambda x: (jnp.sum(x, 0), jnp.max(x)))(x)
   print(json.dumps({"cache": jax.config.jax_enable_compilation_cache,
                     "out": [np.asarray(o).tolist() for o in out]}), flush=True)
-  parallel.finish()  # leave in order, as train.py does: the coordinator last
 """)
 
 

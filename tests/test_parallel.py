@@ -170,7 +170,9 @@ def test_each_process_gathers_only_its_own_rows_of_every_batch():
     batches = parallel.gather_batches(recording, idx, parallel.make_mesh())
     full = np.asarray(multihost_utils.process_allgather(batches, tiled=True))
     print(json.dumps({"read": sorted(recording.read), "process": jax.process_index(),
-                      "full": full[..., 0, 0, 0].tolist()}))
+                      "full": full[..., 0, 0, 0].tolist()}), flush=True)
+    if jax.process_index() == 1:  # the coordinator's process exits first: both must still exit 0
+      import time; time.sleep(2)
   """)
   address = f"127.0.0.1:{_free_port()}"
   procs = _run_all([[sys.executable, "-c", script, address, str(i)] for i in range(2)],
