@@ -27,7 +27,7 @@ from ml_collections import config_flags
 from jaxvae import config as config_lib
 from jaxvae import data, experiment, loops, parallel, train
 from jaxvae import state as state_lib
-from rates import matmul_rate, step_matmuls
+from rates import TIMING_S, matmul_rate, step_matmuls
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
                                 lock_config=True)
@@ -113,7 +113,7 @@ def main(argv):
     for run in runs:
       shapes = tuple((f, str(p), str(lhs), str(rhs)) for f, (_, p, lhs, rhs) in run["products"])
       if shapes not in rates:
-        rates[shapes] = matmul_rate(run["products"], options)
+        rates[shapes] = matmul_rate(run["products"], options, TIMING_S.value)
       run["rates"].append(rates[shapes])
 
   first = float(np.median(runs[0]["seconds"]))

@@ -9,6 +9,11 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import optax
+from absl import flags
+
+TIMING_S = flags.DEFINE_float(
+    "timing_s", 0.25, "About how long each product is timed, best of three (the 2048^3 product "
+    "and the optimizer: 4x); the default gives steady figures, a test sets it small.")
 
 
 def _dot_flops(eqn) -> tuple[int, tuple]:
@@ -78,23 +83,24 @@ def product_seconds(product, a, b, options: dict, min_seconds: float = 1.0) -> f
   return min(times) / calls
 
 
-def matmul_rate(products: list[tuple[int, tuple]], options: dict) -> float:
+def matmul_rate(products: list[tuple[int, tuple]], options: dict,
+                min_seconds: float = 0.25) -> float:
   """FLOP/s of the given products: their FLOPs over the sum of their times, each product
-  timed alone (`product_seconds`) on operands of its own shape and dtype."""
+  timed alone (`product_seconds`, `min_seconds` each) on operands of its own shape and dtype."""
   seconds = 0.0
   for _, (prim, params, lhs, rhs) in products:
     seconds += product_seconds(functools.partial(prim.bind, **params),
                                jnp.full(lhs.shape, 0.5, lhs.dtype),
-                               jnp.full(rhs.shape, 0.5, rhs.dtype), options, min_seconds=0.25)
+                               jnp.full(rhs.shape, 0.5, rhs.dtype), options, min_seconds)
   return sum(f for f, _ in products) / seconds
 
 
-def large_matmul_rate(options: dict, n: int = 2048) -> float:
+def large_matmul_rate(options: dict, n: int = 2048, min_seconds: float = 1.0) -> float:
   a = jnp.full((n, n), 0.5, jnp.float32)
-  return 2 * n ** 3 / product_seconds(jnp.matmul, a, a, options)
+  return 2 * n ** 3 / product_seconds(jnp.matmul, a, a, options, min_seconds)
 
 
-def optimizer_seconds(tx, params, opt_state, options: dict) -> float:
+def optimizer_seconds(tx, params, opt_state, options: dict, min_seconds: float = 1.0) -> float:
   """One tx.update + apply_updates over the real parameters, alone."""
   grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
 
@@ -107,4 +113,4 @@ def optimizer_seconds(tx, params, opt_state, options: dict) -> float:
       return optax.apply_updates(params, updates), opt_state, grads
     return jax.lax.fori_loop(0, reps, body, (params, opt_state, grads))[:2]
 
-  return _time_loop(run, (params, opt_state, grads))
+  return _time_loop(run, (params, opt_state, grads), min_seconds)

@@ -44,7 +44,7 @@ from ml_collections import config_flags  # noqa: E402
 from jaxvae import config as config_lib  # noqa: E402
 from jaxvae import data, evaluate, experiment, loops, parallel, train  # noqa: E402
 from jaxvae import state as state_lib  # noqa: E402
-from rates import (large_matmul_rate, matmul_rate, optimizer_seconds,  # noqa: E402
+from rates import (TIMING_S, large_matmul_rate, matmul_rate, optimizer_seconds,  # noqa: E402
                    step_matmuls)
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
@@ -154,10 +154,11 @@ def _floor(exp, ds, state, key, mesh) -> dict:
   products = step_matmuls(exp.objective.gradients, jax.device_get(state.params), key, x,
                           jnp.zeros((), jnp.int32))
   options = train.compiler_options(mesh)  # as the train chunk is compiled
-  opt_s = sum(optimizer_seconds(tx, state.params[name], state.opt_state[name], options)
-              for name, tx in exp.optimizers.items())
-  flops, rate = sum(f for f, _ in products), matmul_rate(products, options)
-  return {"flops": flops, "rate": rate, "large_rate": large_matmul_rate(options),
+  budget = TIMING_S.value
+  opt_s = sum(optimizer_seconds(tx, state.params[name], state.opt_state[name], options,
+                                4 * budget) for name, tx in exp.optimizers.items())
+  flops, rate = sum(f for f, _ in products), matmul_rate(products, options, budget)
+  return {"flops": flops, "rate": rate, "large_rate": large_matmul_rate(options, 2048, 4 * budget),
           "opt_s": opt_s, "floor_s": flops / rate + opt_s}
 
 

@@ -22,7 +22,7 @@ def _json_line(*args) -> dict:
 @pytest.mark.slow
 def test_throughput_reports_its_figures():
   # beta_tcvae: its step needs the dataset size, which the benchmark must pass on.
-  out = _json_line("benchmarks/throughput.py", *SMALL, "--epochs=1", "--steps=5",
+  out = _json_line("benchmarks/throughput.py", *SMALL, "--epochs=1", "--steps=5", "--timing_s=0.01",
                    "--eval_repeats=1", "--config.objective.kind=beta_tcvae",
                    "--config.objective.beta=1")
   assert out["config"]["timed_steps_per_epoch"] == 5 and out["config"]["steps_per_epoch"] == 46
@@ -44,6 +44,7 @@ def test_throughput_reports_its_figures():
 @pytest.mark.slow
 def test_compare_times_each_variant_with_its_own_config():
   out = _json_line("benchmarks/compare.py", *SMALL, "--image_shape=8,8,1", "--rounds=1",
+                   "--timing_s=0.01",
                    "--steps=3", "--variants=; model.hidden=(64,) model.compute_dtype=bfloat16 "
                    "objective.kind=beta_tcvae objective.beta=1; "
                    "model.arch=conv model.conv_channels=(4,8)")
