@@ -12,6 +12,7 @@ Sources (`config.data.source`):
 
 import dataclasses
 import hashlib
+import importlib.util
 import io
 import os
 import socket
@@ -127,15 +128,29 @@ def pixel_mean(images: np.ndarray, binarize: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- digits
 
 
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+  """`sklearn.datasets.load_digits()`'s images f64[1797, 64] and targets, read from the file
+  scikit-learn ships (the values load_digits returns) without importing scikit-learn, which
+  takes over a second: every tiny run and test subprocess loads these digits."""
+  spec = importlib.util.find_spec("sklearn")
+  path = spec and os.path.join(spec.submodule_search_locations[0], "datasets", "data",
+                               "digits.csv.gz")
+  if not path or not os.path.exists(path):  # another layout: ask scikit-learn itself
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return d.data, d.target
+  table = np.loadtxt(path, delimiter=",")
+  return table[:, :-1], table[:, -1].astype(np.int64)
+
+
 @register_source("digits")
 def _load_digits(data_cfg) -> Dataset:
   """sklearn's 1,797 digits (values 0..16) as uint8 0..255; a fixed split of 1,500 / 297."""
   del data_cfg  # no keys: the data ship with scikit-learn
-  from sklearn.datasets import load_digits
-  d = load_digits()
-  images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  pixels, target = _sklearn_digits()
+  images = np.rint(pixels.reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)[..., None]
   order = np.random.default_rng(0).permutation(len(images))
-  images, labels = images[order], d.target[order].astype(np.int32)
+  images, labels = images[order], target[order].astype(np.int32)
   return Dataset(Split(images[:1500], labels[:1500]), Split(images[1500:], labels[1500:]),
                  tuple(str(i) for i in range(10)), "digits")
 

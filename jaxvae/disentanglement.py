@@ -27,7 +27,6 @@ normalization, sample size), so `factor_metrics` names its protocol in `estimato
 from typing import NamedTuple, Sequence
 
 import numpy as np
-from sklearn import ensemble, metrics
 
 NUM_BINS = 20         # disentanglement_lib's histogram discretizer for MIG
 NUM_POINTS = 10_000   # disentanglement_lib's MIG num_train, and DCI's num_train
@@ -95,6 +94,7 @@ def discretize(codes: np.ndarray, num_bins: int = NUM_BINS) -> np.ndarray:
 def mutual_information(binned: np.ndarray, factors: np.ndarray) -> np.ndarray:
   """Discrete mutual information in nats (sklearn's mutual_info_score, plug-in estimate):
   int[N, K] x int[N, F] -> f64[K, F]."""
+  from sklearn import metrics  # here: a second to import, and only factor datasets need it
   return np.array([[metrics.mutual_info_score(f, b) for f in factors.T] for b in binned.T])
 
 
@@ -170,6 +170,7 @@ def dci(train_codes: np.ndarray, train_factors: np.ndarray, test_codes: np.ndarr
     raise ValueError(f"train has {train_codes.shape[1]} latents and {train_factors.shape[1]} "
                      f"factors but test has {test_codes.shape[1]} and {test_factors.shape[1]}; "
                      "split one set of codes and labels")
+  from sklearn import ensemble  # here: a second to import, and only factor datasets need it
   importance, acc_train, acc_test = [], [], []
   for y_train, y_test in zip(train_factors.T, test_factors.T):
     forest = ensemble.RandomForestClassifier(

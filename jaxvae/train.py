@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from jaxvae import checkpoint, data, evaluate, experiment, figure_data, figures, loops, optim
+from jaxvae import checkpoint, data, evaluate, experiment, figure_data, loops, optim
 from jaxvae import parallel, rundir
 from jaxvae import config as config_lib
 from jaxvae.state import VAE_GROUP, Keys, TrainState
@@ -366,6 +366,7 @@ def _restore_or_init(training: _Training) -> tuple[TrainState, Keys, dict]:
     print(summary, flush=True)
     rundir.write_text(training.workdir, "model.txt", summary + "\n")
     if parallel.is_primary() and config.log.figures:
+      from jaxvae import figures  # matplotlib: half a second to import, only when drawing
       figures.plot_data_preview(training.ds, os.path.join(training.workdir, "figures"))
   else:
     _, tree, progress = restored
@@ -486,6 +487,7 @@ def _end_period(training: _Training, state: TrainState, keys: Keys, sums: dict, 
     key = parallel.local_copy(keys.eval)
     if config.log.figures and (last or (config.figures_every
                                         and evaluation % config.figures_every == 0)):
+      from jaxvae import figures  # matplotlib: half a second to import, only when drawing
       figures.draw_training_figures(training.workdir, training.experiment.model, params, training.ds, config, key)
     if training.log.tensorboard:
       training.log.images(step, figure_data.tensorboard_images(training.experiment.model, params,

@@ -2,6 +2,8 @@
 
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ MNIST_TGZ = SHARED_DATA / "mnist-png.tar.gz"
 
 def tiny_digits_config(num_epochs: int = 2):
   """configs/digits.py shrunk so a run takes a second or two; figures off (tests/test_figures.py
-  turns them on), TensorBoard on (a process imports TensorFlow once)."""
+  turns them on), TensorBoard on."""
   from configs import digits
   config = digits.get_config()
   config.num_epochs = num_epochs
@@ -26,13 +28,24 @@ def tiny_digits_config(num_epochs: int = 2):
   return config
 
 
-@pytest.fixture(scope="session")
-def compilation_cache(tmp_path_factory) -> dict:
-  """Environment variables for subprocesses that share one persistent JAX compilation cache,
-  so a test's second and later runs of the same program skip compiling it."""
-  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_compilation_cache")),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+def pytest_configure(config):
+  """One persistent JAX compilation cache for the whole run: this process, both xdist workers
+  (started after this hook, with this environment) and every subprocess a test starts. Most of
+  the suite's time is XLA compiling the same few tiny programs again in each new process; a
+  cached executable is the same program, so no result changes. Every program is kept, the
+  eager ops' small ones too (hundreds a process, 50 ms each). Multi-process CPU runs turn it
+  off themselves (jaxvae.parallel). A cache the caller set is used as it is."""
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ or hasattr(config, "workerinput"):
+    return
+  config._jaxvae_cache = tempfile.mkdtemp(prefix="jaxvae-tests-jax-cache-")
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=config._jaxvae_cache,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def pytest_unconfigure(config):
+  if getattr(config, "_jaxvae_cache", None):
+    shutil.rmtree(config._jaxvae_cache, ignore_errors=True)
 
 
 def needs(path: Path):
@@ -54,7 +67,7 @@ def tiny_sprites_config(num_steps: int = 30):
   config.eval.every_steps = 10
   config.eval.batch_size = 1000
   config.log.progress = False
-  config.log.tensorboard = False  # the digits runs cover it; TensorFlow takes seconds to import
+  config.log.tensorboard = False  # the digits runs cover it
   return config
 
 

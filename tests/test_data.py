@@ -35,6 +35,12 @@ def test_digits_are_uint8_images_with_labels():
   assert ds.train.images.shape == (1500, 8, 8, 1) and ds.test.images.shape == (297, 8, 8, 1)
   assert ds.train.images.dtype == np.uint8 and ds.train.images.max() == 255
   assert set(np.unique(ds.train.labels)) == set(range(10))
+  # Read from scikit-learn's file without importing it: exactly what load_digits returns.
+  from sklearn.datasets import load_digits
+  pixels, target = data._sklearn_digits()
+  reference = load_digits()
+  np.testing.assert_array_equal(pixels, reference.data)
+  np.testing.assert_array_equal(target, reference.target)
 
 
 def test_folder_labels_follow_sorted_class_names_and_cache_is_reused(tmp_path):

@@ -20,8 +20,7 @@ import pytest
 from conftest import REPO
 from jaxvae import restore
 
-# Metrics and checkpoints only: figures and TensorBoard (seconds of TensorFlow import per
-# process) are tested elsewhere.
+# Metrics and checkpoints only: figures (matplotlib) and TensorBoard are tested elsewhere.
 TINY = ["--config", "configs/digits.py", "--config.model.hidden=(64,)",
         "--config.model.latent_dim=4", "--config.log.progress=False",
         "--config.log.figures=False", "--config.log.tensorboard=False"]

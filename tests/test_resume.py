@@ -34,8 +34,8 @@ _BAR = re.compile(r"epoch (\d+)/\d+: +\d+%\|[^|]*\| *(\d+)/(\d+)")
 
 
 @pytest.fixture(scope="module")
-def env(compilation_cache):
-  return dict(os.environ, **compilation_cache)
+def env():
+  return dict(os.environ)  # the session's compilation cache included (tests/conftest.py)
 
 
 def _command(workdir):

@@ -1,5 +1,6 @@
 """Training end to end: compiled once, learning on real digits, train.py and its config flags."""
 
+import io
 import json
 import math
 import os
@@ -205,8 +206,9 @@ def test_paper_config_lowers_test_elbo_on_real_cifar10_in_300_steps():
 
 
 def test_run_writes_model_summary_data_preview_and_tensorboard_events(digits_run):
-  import tensorflow as tf
+  from PIL import Image
   from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
   workdir, result = digits_run
   summary = (workdir / "model.txt").read_text()
   params = models.count_params(result.state.params)
@@ -218,9 +220,16 @@ def test_run_writes_model_summary_data_preview_and_tensorboard_events(digits_run
   for key in ("train/loss", "test/elbo_nats", "test/recon_mean_ssim"):
     scalars = events.Tensors(key)
     assert [s.step for s in scalars] == [r["step"] for r in result.history]
-    values = [float(tf.make_ndarray(s.tensor_proto)) for s in scalars]
+    values = [float(tensor_util.make_ndarray(s.tensor_proto)) for s in scalars]
     assert values == pytest.approx([r[key] for r in result.history], rel=1e-6)
+    assert events.SummaryMetadata(key).plugin_data.plugin_name == "scalars"
   assert {"test_and_reconstruction", "prior_samples"} <= set(events.Tags()["tensors"])
+  # Images as tf.summary.image stores them: width, height, then one PNG per image.
+  (last,) = events.Tensors("prior_samples")[-1:]
+  width, height, *pngs = tensor_util.make_ndarray(last.tensor_proto)
+  assert events.SummaryMetadata("prior_samples").plugin_data.plugin_name == "images"
+  assert last.step == result.history[-1]["step"] and len(pngs) > 1
+  assert Image.open(io.BytesIO(pngs[0])).size == (int(width), int(height))
 
 
 def test_paper_model_summary_counts_table_1():
