@@ -116,7 +116,8 @@ class EventWriter:
     os.makedirs(logdir, exist_ok=True)
     name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
     self._records = RecordWriter(open(os.path.join(logdir, name), "wb"))
-    self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+    self._event = event_pb2.Event
+    self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))
 
   def scalar(self, tag: str, value: float, step: int) -> None:
     from tensorboard.plugins.scalar import summary_v2
@@ -142,8 +143,7 @@ class EventWriter:
     self._add(summary_pb2.Summary(value=[value]), step)
 
   def _add(self, summary, step: int) -> None:
-    from tensorboard.compat.proto import event_pb2
-    self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+    self._write(self._event(wall_time=time.time(), step=step, summary=summary))
 
   def _write(self, event) -> None:
     self._records.write(event.SerializeToString())
