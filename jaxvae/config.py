@@ -69,10 +69,12 @@ def _model_config() -> ml_collections.ConfigDict:
   """The `config.model` keys and their defaults."""
   k = ml_collections.ConfigDict()
   k.arch = "mlp"                   # mlp | conv | locatello (disentanglement_lib's conv_encoder and
-                                   # deconv_decoder, fixed: hidden, conv_channels unused)
+                                   # deconv_decoder, fixed: hidden, conv_channels unused) |
+                                   # larsen (Larsen et al. 2016, batch norm: objective vae_gan)
   k.hidden = (512,)                # dense widths; the decoder mirrors them
   k.decoder_hidden = ()            # the decoder's dense widths from z outward; (): mirror hidden
-  k.conv_channels = (32, 64)        # conv arch: channels of the stride-2 layers
+  k.conv_channels = (32, 64)        # conv, larsen archs: channels of the stride-2 layers
+  k.decoder_channels = (192, 128, 32)  # larsen arch: the decoder's stride-2 transposed convs
   k.latent_dim = 256               # the code z (with a middle layer, the top one, h2)
   k.middle_dim = 0                 # mlp: > 0 adds a stochastic layer h1 of this size between
                                    # x and z (Burda et al.'s two-layer model; 0: one layer)
@@ -178,7 +180,7 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.model.output_bias_init='data_mean' needs config.model.arch='mlp' "
                       "(the conv decoder's output bias is one per channel, not per pixel)")
   for key in ("model.hidden", "model.decoder_hidden", "model.conv_channels",
-              "model.middle_hidden"):
+              "model.decoder_channels", "model.middle_hidden"):
     widths = m[key.split(".")[1]]
     if not all(isinstance(w, int) and w > 0 for w in widths):
       raise ConfigError(f"config.{key}={widths!r} must be a tuple of positive ints, e.g. (512,)")
@@ -193,8 +195,9 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
   if m.middle_hidden and not m.middle_dim:
     raise ConfigError(f"config.model.middle_hidden={m.middle_hidden!r} sizes the layers around a "
                       "middle latent, and config.model.middle_dim=0 has none; set middle_dim")
-  if m.arch == "conv" and not m.conv_channels:
-    raise ConfigError("config.model.conv_channels=() gives the conv arch no layer; give e.g. (32, 64)")
+  if m.arch in ("conv", "larsen") and not m.conv_channels:
+    raise ConfigError(f"config.model.conv_channels=() gives the {m.arch} arch no layer; give e.g. "
+                      "(32, 64)")
 
 
 # Keys a resumed run may change: they steer how long it runs, what it logs and evaluates, and

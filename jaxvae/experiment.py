@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from jaxvae import checkpoint, data, models, objectives, step
+from jaxvae.errors import ConfigError
 from jaxvae.state import VAE_GROUP, Keys, TrainState
 
 
@@ -71,6 +72,11 @@ def build(config: ml_collections.ConfigDict, image_shape: Sequence[int], dataset
   `model.output_bias_init="data_mean"` only."""
   model = models.make_model(config.model, image_shape, pixel_mean)
   objective = objectives.make(config, model, dataset_size)
+  if model.has_batch_norm and not objective.trains_batch_stats:
+    raise ConfigError(f"config.model.arch={config.model.arch!r} holds batch norm, whose "
+                      f"statistics objective.kind={objective.kind!r} would never update; train it "
+                      "with objective.kind='vae_gan' (objective.variant='vae' for a VAE of "
+                      "pixels), or choose another arch")
   steps_per_epoch = dataset_size // config.batch_size
   return Experiment(config, tuple(image_shape), model, objective,
                     objective.optimizers(steps_per_epoch), steps_per_epoch)

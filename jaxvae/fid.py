@@ -233,11 +233,12 @@ def _in_batches(fn, n: int, batch_size: int) -> np.ndarray:
 
 def fid_of_run(run, num_samples: int, net: FeatureNet | None = None, batch_size: int = 100,
                temperature: float = 1.0, cache: Path | None = None,
-               kid_subsets: int = KID_SUBSETS) -> dict:
+               kid_subsets: int = KID_SUBSETS, reference_count: int = 0) -> dict:
   """FID and KID of `num_samples` prior samples and of the first `num_samples` test images'
   reconstructions (decoded from the posterior mean), both against the training split's
-  reference statistics (cached per data fingerprint). The eval.json section: each entry names
-  its estimator, image count and reference set. Keys come from the run's eval key."""
+  reference statistics (cached per data fingerprint): of all its images, or of a fixed random
+  `reference_count` of them (numpy seed 0). The eval.json section: each entry names its
+  estimator, image count and reference set. Keys come from the run's eval key."""
   if num_samples < 2:
     raise RunError(f"--fid={num_samples}: FID needs at least 2 images (50,000 is the "
                            "standard count, 10,000 a common quick one)")
@@ -246,7 +247,10 @@ def fid_of_run(run, num_samples: int, net: FeatureNet | None = None, batch_size:
   except inception.WeightsError as e:
     raise RunError(str(e)) from e
   ds, model, params, config = run.dataset, run.model, run.params, run.config
-  ref = reference_statistics(net, ds.train.images, batch_size, cache)
+  train = ds.train.images
+  if 0 < reference_count < len(train):
+    train = train[np.sort(np.random.default_rng(0).permutation(len(train))[:reference_count])]
+  ref = reference_statistics(net, train, batch_size, cache)
   key_samples, key_binarize = jax.random.split(jax.random.fold_in(run.keys.eval, 19))
   samples = _in_batches(lambda s, m: to_uint8(sample.prior_samples(
       model, params, jax.random.fold_in(key_samples, s), m, temperature)), num_samples, batch_size)
@@ -261,7 +265,9 @@ def fid_of_run(run, num_samples: int, net: FeatureNet | None = None, batch_size:
 
   recons = _in_batches(reconstruct, len(test), batch_size)
   grey = ds.image_shape[-1] == 1
-  reference = (f"{ds.name} train split, all {ref['count']} images (data fingerprint "
+  reference = (f"{ds.name} train split, "
+               + (f"all {ref['count']} images" if len(train) == len(ds.train.images) else
+                  f"a fixed random {ref['count']} of its images") + " (data fingerprint "
                f"{ref['fingerprint']}); KID against {len(ref['kid_features'])} of them"
                + (", grey repeated to 3 channels" if grey else ""))
   estimator = (f"FID: Frechet distance of the 2048-d pool features (pytorch-fid's formula, "

@@ -156,3 +156,19 @@ def pairs(labels: np.ndarray, num: int, key: jax.Array) -> np.ndarray:
   score = np.asarray(jax.random.uniform(second_key, (num, len(labels))))
   score = score + (labels[None, :] != labels[first][:, None])  # other classes win the argmax
   return np.stack([first, score.argmax(axis=1)], axis=1)
+
+
+def side_by_side(runs, num: int = NUM_RECONSTRUCTIONS) -> tuple[np.ndarray, dict, dict]:
+  """What `figures.plot_compare_images` shows of several restored runs of one dataset: the
+  first run's shown test images (originals f32[num, H, W, C]), and per run name its decoded
+  posterior means of them and its decoding of the same `num` prior draws (the first run's eval
+  key), f32[num, H, W, C] each. `runs` maps names to `restore.TrainedRun`s."""
+  first = next(iter(runs.values()))
+  shown = spread(first.dataset.test.labels, num)
+  streams = batching.stream_keys(first.keys.eval)
+  originals, x = batching.model_inputs(first.dataset.test.images[shown], shown,
+                                       streams.binarize, first.config.data.binarize)
+  z = jax.random.normal(jax.random.split(streams.figures, 3)[1], (num, first.model.code_dim))
+  recons = {n: np.asarray(sample.reconstruct_mean(r.model, r.params, x)) for n, r in runs.items()}
+  samples = {n: np.asarray(sample.decode_mean(r.model, r.params, z)) for n, r in runs.items()}
+  return np.asarray(originals), recons, samples

@@ -10,7 +10,8 @@ Each figure has a fixed size (`FIGSIZES` inches at `DPI`), so its pixel size is 
 
   python -m jaxvae.figures --sweep DIR1,DIR2,... --out OUT
 
-draws OUT/sweep.png from several runs: rate against distortion, and MIG against beta.
+draws OUT/sweep.png from several runs: rate against distortion, and MIG against beta;
+`--compare DIR1,DIR2,...` draws their training curves and images side by side.
 """
 
 import dataclasses
@@ -46,9 +47,12 @@ FIGSIZES = {  # inches (width, height)
     "factor_traversals": (12, 9),
     "factor_traversals_animated": (9, 6),  # a GIF, one frame per traversal value
     "sweep": (13, 5),
+    "compare_training": (15, 4.5),
+    "compare_images": (12, 8),
 }
 FACTOR_FIGURES = ("factor_traversals", "factor_traversals_animated")  # data with factor labels
-SWEEP_FIGURES = ("sweep",)  # drawn by --sweep from several runs, never by one run
+# Drawn from several runs (--sweep, --compare), never by one run.
+SWEEP_FIGURES = ("sweep", "compare_training", "compare_images")
 GIF_FRAME_MS = 250
 
 
@@ -87,17 +91,20 @@ def plot_loss(rows: list[dict], out_dir: str, run: str = "") -> str:
   """Paper Figure 15: training and test -ELBO per epoch, and the KL term beside it."""
   epochs = [r["epoch"] for r in rows]
   fig, (ax, ax_kl) = _figure("fig15_loss", ncols=2)
-  ax.plot(epochs, -_series(rows, "train/elbo_nats"), marker=".", label="train -ELBO")
+  train = _series(rows, "train/elbo_nats")  # None for an objective without an encoder pass
+  if train is not None:
+    ax.plot(epochs, -train, marker=".", label="train -ELBO")
   ax.plot(epochs, -_series(rows, "test/elbo_nats"), marker=".", label="test -ELBO")
   loss = _series(rows, "train/loss")
-  if np.any(loss != -_series(rows, "train/elbo_nats")):
-    ax.plot(epochs, loss, "--", label="train loss (beta-weighted KL)")
+  if train is None or np.any(loss != -train):
+    ax.plot(epochs, loss, "--", label="train loss (the objective's own)")
   ax.set_xlabel("epoch")
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_ylabel("negative ELBO (nats per image)")
   ax.set_title("loss (lower is better)")
   ax.legend()
-  ax_kl.plot(epochs, _series(rows, "train/kl_nats"), marker=".", label="train")
+  if train is not None:
+    ax_kl.plot(epochs, _series(rows, "train/kl_nats"), marker=".", label="train")
   ax_kl.plot(epochs, _series(rows, "test/kl_nats"), marker=".", label="test")
   ax_kl.set_xlabel("epoch")
   ax_kl.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -361,6 +368,56 @@ def plot_sweep(workdirs, out_dir: str) -> str:
   return _save(fig, out_dir, "sweep")
 
 
+def plot_compare_training(runs: dict[str, list[dict]], out_dir: str) -> str:
+  """OUT/compare_training.png of runs {name: metrics rows} over optimizer steps: the test
+  -ELBO of the pixel likelihood, the test reconstructions' SSIM, and the discriminator's mean
+  output on real, reconstructed and prior-sampled images (runs of objective.kind=vae_gan)."""
+  fig, (ax_elbo, ax_ssim, ax_d) = _figure("compare_training", ncols=3)
+  for name, rows in runs.items():
+    steps = _series(rows, "step")
+    line, = ax_elbo.plot(steps, -_series(rows, "test/elbo_nats"), marker=".", label=name)
+    ssim = _series(rows, "test/recon_mean_ssim")
+    if ssim is not None:
+      ax_ssim.plot(steps, ssim, marker=".", color=line.get_color(), label=name)
+    for key, style in (("train/d_real", "-"), ("train/d_recon", "--"), ("train/d_sample", ":")):
+      d = _series(rows, key)
+      if d is not None:
+        ax_d.plot(steps, d, style, color=line.get_color(),
+                  label=f"{name}: {key.split('_')[-1]}")
+  for ax, ylabel, title in (
+      (ax_elbo, "test -ELBO, pixel likelihood (nats per image)", "density (lower is better)"),
+      (ax_ssim, "test reconstruction SSIM (posterior mean)", "reconstruction (higher is better)"),
+      (ax_d, "mean D(x) in training batches", "discriminator: real -, recon --, sample :")):
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle(f"{len(runs)} runs side by side: " + ", ".join(runs))
+  return _save(fig, out_dir, "compare_training")
+
+
+def plot_compare_images(originals: np.ndarray, recons: dict[str, np.ndarray],
+                        samples: dict[str, np.ndarray], out_dir: str) -> str:
+  """OUT/compare_images.png: test originals, each run's reconstructions of them, then each
+  run's decoding of the same prior draws; f32[N, H, W, C] in [0, 1] each."""
+  rows = [originals, *recons.values(), *samples.values()]
+  labels = (["original"] + [f"{n}\nreconstruction" for n in recons]
+            + [f"{n}\nprior sample" for n in samples])
+  return plot_image_grid("compare_images", np.stack(rows), out_dir,
+                         "the same test images and the same prior draws through each run",
+                         row_labels=labels)
+
+
+def draw_comparison(workdirs, out_dir: str) -> list[str]:
+  """`plot_compare_training` and `plot_compare_images` of several runs of one dataset."""
+  names = [os.path.basename(os.path.abspath(w)) for w in workdirs]
+  originals, recons, samples = figure_data.side_by_side(
+      {n: restore.restore_run(w) for n, w in zip(names, workdirs)})
+  return [plot_compare_training({n: read_metrics(w) for n, w in zip(names, workdirs)}, out_dir),
+          plot_compare_images(originals, recons, samples, out_dir)]
+
+
 def plot_data_preview(ds: data.Dataset, out_dir: str, rows: int = 4, cols: int = 8) -> str:
   """Paper Figure 14: the first training images of each class in turn, labelled (figures/data.png)."""
   shown = figure_data.spread(ds.train.labels, rows * cols)
@@ -477,6 +534,12 @@ def _factor_figures(s: figure_data.Scene, canvas: _Canvas) -> list[str]:
 
 def main(argv):
   workdir, sweep, out = flags.FLAGS.workdir, flags.FLAGS.sweep, flags.FLAGS.out
+  if flags.FLAGS.compare:
+    if not out:
+      raise app.UsageError("--compare needs --out, the folder to write the figures into")
+    for path in draw_comparison(flags.FLAGS.compare, out):
+      print(f"wrote {path}")
+    return
   if sweep:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -497,6 +560,8 @@ if __name__ == "__main__":  # flags defined only here: train.py, which imports t
                       "metrics.jsonl).")
   flags.DEFINE_list("sweep", None, "Run workdirs, comma-separated, to draw as one sweep "
                     "(config.json, and eval.json or metrics.jsonl, each).")
-  flags.DEFINE_string("out", None, "With --sweep: the folder for sweep.png.")
-  flags.mark_flags_as_mutual_exclusive(["workdir", "sweep"], required=True)
+  flags.DEFINE_list("compare", None, "Run workdirs of one dataset, comma-separated, to draw "
+                    "side by side (compare_training.png, compare_images.png).")
+  flags.DEFINE_string("out", None, "With --sweep or --compare: the folder for the figures.")
+  flags.mark_flags_as_mutual_exclusive(["workdir", "sweep", "compare"], required=True)
   app.run(restore.exit_on_user_error(main))

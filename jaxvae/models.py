@@ -304,6 +304,12 @@ class VAE(nn.Module):
     return any(net.has_convolutions for net in self.networks())
 
   @property
+  def has_batch_norm(self) -> bool:
+    """Whether a network holds batch norm, whose statistics only an objective that trains them
+    keeps (see `Objective.trains_batch_stats`); a network that does not say has none."""
+    return any(getattr(type(net), "has_batch_norm", False) for net in self.networks())
+
+  @property
   def code_dim(self) -> int:
     """The size of the code that `encode` returns and `decode` takes, the one with prior N(0, I)."""
     return self.encoder.latent_dim

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxvae import data
-from jaxvae.objectives import Objective
+from jaxvae.objectives import Objective, StepGradients
 from jaxvae.state import TrainState
 
 
@@ -29,7 +29,8 @@ def make_train_step(objective: Objective, optimizers: dict[str, optax.GradientTr
   """(state, x uint8[B, H, W, C], key) -> (state, metrics of f32[]).
 
   The step binarizes x with one half of `key` and gives the other to the objective, at the
-  step `state.step`. With `config.optimizer.skip_nonfinite` "grads", a group whose loss or any
+  step `state.step`. Collections the objective returns (batch statistics) replace the group's
+  after its update. With `config.optimizer.skip_nonfinite` "grads", a group whose loss or any
   gradient is not finite keeps its parameters and optimizer state; with "loss" only its loss
   is checked (no pass over the gradients). A skipped step still advances `step` (so the next
   step draws a fresh key) and counts in `skips`, which a step applied to every group resets;
@@ -41,11 +42,14 @@ def make_train_step(objective: Objective, optimizers: dict[str, optax.GradientTr
   def train_step(state: TrainState, x_uint8: jax.Array, key: jax.Array):
     bin_key, z_key = jax.random.split(key)
     x = data.to_unit_interval(x_uint8, bin_key, config.data.binarize)
-    losses, grads, metrics = objective.gradients(state.params, z_key, x, state.step)
+    losses, grads, metrics, collections = StepGradients(
+        *objective.gradients(state.params, z_key, x, state.step))
     params, opt_state, oks = dict(state.params), dict(state.opt_state), []
     for name, tx in optimizers.items():
       updates, new_opt = tx.update(grads[name], state.opt_state[name], state.params[name])
       new_params = optax.apply_updates(state.params[name], updates)
+      if collections and name in collections:
+        new_params = {**new_params, **collections[name]}
       if check == "off":
         params[name], opt_state[name] = new_params, new_opt
         continue

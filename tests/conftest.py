@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("JAXVAE_SHARED_DATA", REPO.parent / "shared" / "data"))
 CIFAR10_TGZ = SHARED_DATA / "cifar10-jpeg.tar.gz"
 MNIST_TGZ = SHARED_DATA / "mnist-png.tar.gz"
+CALLER_XLA_FLAGS = "JAXVAE_TESTS_CALLER_XLA_FLAGS"  # XLA_FLAGS as pytest was started with
 
 
 def tiny_digits_config(num_epochs: int = 2):
@@ -34,8 +35,18 @@ def pytest_configure(config):
   the suite's time is XLA compiling the same few tiny programs again in each new process; a
   cached executable is the same program, so no result changes. Every program is kept, the
   eager ops' small ones too (hundreds a process, 50 ms each). Multi-process CPU runs turn it
-  off themselves (jaxvae.parallel). A cache the caller set is used as it is."""
-  if "JAX_COMPILATION_CACHE_DIR" in os.environ or hasattr(config, "workerinput"):
+  off themselves (jaxvae.parallel). A cache the caller set is used as it is.
+
+  XLA also compiles without its backend optimizations (a third less CPU for the suite): the
+  tests compare runs with each other, never with values recorded under other flags, except
+  tests/test_fingerprints.py, which computes in a subprocess with the caller's flags."""
+  if hasattr(config, "workerinput"):
+    return
+  flags = os.environ.get("XLA_FLAGS", "")
+  os.environ[CALLER_XLA_FLAGS] = flags
+  if "xla_backend_optimization_level" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
     return
   config._jaxvae_cache = tempfile.mkdtemp(prefix="jaxvae-tests-jax-cache-")
   os.environ.update(JAX_COMPILATION_CACHE_DIR=config._jaxvae_cache,

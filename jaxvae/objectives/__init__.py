@@ -22,7 +22,7 @@ import ml_collections
 
 from jaxvae.errors import ConfigError
 from jaxvae.objectives import base
-from jaxvae.objectives.base import KINDS, Objective
+from jaxvae.objectives.base import KINDS, Objective, StepGradients
 
 for _module in pkgutil.iter_modules(__path__):
   importlib.import_module(f"{__name__}.{_module.name}")

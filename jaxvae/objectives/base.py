@@ -11,7 +11,7 @@ subclass `Objective`, set `kind` and `defaults`, and write `loss`. Objectives wi
 networks override `init`, `optimizers` and `gradients` as well (see docs/extending.md).
 """
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,16 @@ SHARED_DEFAULTS = {
 KINDS: dict[str, type["Objective"]] = {}  # kind -> class, filled as each module is imported
 
 
+class StepGradients(NamedTuple):
+  """One step of an objective, as `Objective.gradients` returns it."""
+  losses: dict[str, jax.Array]  # f32[] per trained group
+  grads: dict[str, Any]         # per trained group, shaped like its parameters
+  metrics: dict[str, jax.Array]  # f32[] each
+  # Per group, the new values of collections that are not trained by gradient (batch norm's
+  # "batch_stats"), which replace those of the updated parameters; skipped with the group.
+  collections: dict[str, dict[str, Any]] | None = None
+
+
 class Objective:
   """One training objective over named parameter groups; by default the one group "vae".
 
@@ -44,6 +54,9 @@ class Objective:
   """
   kind: ClassVar[str]
   defaults: ClassVar[dict[str, Any]] = {}  # its own config.objective keys and their defaults
+  # Whether `gradients` returns the model's new batch-norm statistics (`StepGradients`); a
+  # model with batch norm is refused by objectives that do not.
+  trains_batch_stats: ClassVar[bool] = False
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -73,15 +86,16 @@ class Objective:
     return {VAE_GROUP: optim.make_optimizer(self.config.optimizer, steps_per_epoch)}
 
   def gradients(self, params: dict[str, Any], rng: jax.Array, x: jax.Array, step: jax.Array
-                ) -> tuple[dict[str, jax.Array], dict[str, Any], dict[str, jax.Array]]:
-    """One step's (loss f32[] per trained group, gradients per trained group, metrics f32[]).
+                ) -> StepGradients | tuple:
+    """One step's loss f32[] per trained group, gradients per trained group and metrics f32[]
+    (a `StepGradients`, or a tuple of its first three fields).
 
     x: f32[B, H, W, C]; step: int32[], the optimizer steps taken before this one. Metrics hold
     "loss" (the objective's value) and the plain ELBO ("elbo_nats", "log_lik_nats", "kl_nats").
     """
     (value, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(params[VAE_GROUP], rng,
                                                                          x, step)
-    return {VAE_GROUP: value}, {VAE_GROUP: grads}, metrics
+    return StepGradients({VAE_GROUP: value}, {VAE_GROUP: grads}, metrics)
 
   def loss(self, params, rng: jax.Array, x: jax.Array, step: jax.Array
            ) -> tuple[jax.Array, dict[str, jax.Array]]:
