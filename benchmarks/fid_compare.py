@@ -6,28 +6,15 @@ Each run gives `--num` prior samples and reconstructions of its first `--num` te
 (jaxvae.fid.fid_of_run); the reference is a fixed random `--reference` of the training split
 (0: all 50,000, the standard protocol; about 3.8 h of Inception features on the 2-core CPU),
 computed once and cached. Prints one JSON line per run with its step, the figures and the
-test reconstructions' pixel error. FID falls as the counts grow: compare only rows measured with
+test reconstructions' pixel error (the evaluator's, over the whole test split, from the run's
+last metrics row). FID falls as the counts grow: compare only rows measured with
 the same counts.
 """
 
 import argparse
 import json
 
-import jax.numpy as jnp
-import numpy as np
-
-from jaxvae import data, fid, restore, sample
-
-
-def _recon_mse(run, num: int, batch_size: int = 100) -> float:
-  """Mean squared pixel error of the first `num` test images decoded from the posterior mean."""
-  x = run.dataset.test.images[:num]
-  errs = []
-  for s in range(0, len(x), batch_size):
-    batch = data.to_unit_interval(jnp.asarray(x[s:s + batch_size]), None, "none")
-    errs.append(np.asarray((sample.reconstruct_mean(run.model, run.params, batch) - batch) ** 2)
-                .reshape(len(batch), -1).mean(axis=1))
-  return float(np.concatenate(errs).mean())
+from jaxvae import fid, figures, restore
 
 
 def main():
@@ -42,7 +29,7 @@ def main():
     result = fid.fid_of_run(run, args.num, net, reference_count=args.reference)
     row = {"workdir": workdir, "step": int(run.state.step),
            "variant": run.config.objective.get("variant", run.config.objective.kind),
-           "test_recon_mse": _recon_mse(run, args.num), **result}
+           "test_recon_mse": figures.read_metrics(workdir)[-1]["test/recon_mean_mse"], **result}
     print(json.dumps(row), flush=True)
 
 
