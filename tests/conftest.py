@@ -3,6 +3,8 @@
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -13,7 +15,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("JAXVAE_SHARED_DATA", REPO.parent / "shared" / "data"))
 CIFAR10_TGZ = SHARED_DATA / "cifar10-jpeg.tar.gz"
 MNIST_TGZ = SHARED_DATA / "mnist-png.tar.gz"
-CALLER_XLA_FLAGS = "JAXVAE_TESTS_CALLER_XLA_FLAGS"  # XLA_FLAGS as pytest was started with
 
 
 def tiny_digits_config(num_epochs: int = 2):
@@ -29,6 +30,19 @@ def tiny_digits_config(num_epochs: int = 2):
   return config
 
 
+# XLA:CPU compiles about a third faster without its backend optimizations and its newer fusion
+# emitters; the suite's programs are tiny, so compiling is most of its time.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
+
+def _fast_compile_flags_work(flags: str) -> bool:
+  """Whether this jaxlib's XLA knows the flags (an unknown flag aborts the process)."""
+  probe = subprocess.run([sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1)"],
+                         env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"),
+                         capture_output=True, timeout=120)
+  return probe.returncode == 0
+
+
 def pytest_configure(config):
   """One persistent JAX compilation cache for the whole run: this process, both xdist workers
   (started after this hook, with this environment) and every subprocess a test starts. Most of
@@ -37,15 +51,13 @@ def pytest_configure(config):
   eager ops' small ones too (hundreds a process, 50 ms each). Multi-process CPU runs turn it
   off themselves (jaxvae.parallel). A cache the caller set is used as it is.
 
-  XLA also compiles without its backend optimizations (a third less CPU for the suite): the
-  tests compare runs with each other, never with values recorded under other flags, except
-  tests/test_fingerprints.py, which computes in a subprocess with the caller's flags."""
+  XLA also compiles with FAST_COMPILE_FLAGS unless the caller set XLA_FLAGS (even empty, for
+  XLA's defaults): the tests compare runs with each other, except tests/test_fingerprints.py,
+  which holds numbers recorded under both."""
   if hasattr(config, "workerinput"):
     return
-  flags = os.environ.get("XLA_FLAGS", "")
-  os.environ[CALLER_XLA_FLAGS] = flags
-  if "xla_backend_optimization_level" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+  if "XLA_FLAGS" not in os.environ and _fast_compile_flags_work(FAST_COMPILE_FLAGS):
+    os.environ["XLA_FLAGS"] = FAST_COMPILE_FLAGS
   if "JAX_COMPILATION_CACHE_DIR" in os.environ:
     return
   config._jaxvae_cache = tempfile.mkdtemp(prefix="jaxvae-tests-jax-cache-")
@@ -64,13 +76,13 @@ def needs(path: Path):
                             "(it lives in ../shared/data beside the checkout)")
 
 
-def tiny_sprites_config(num_steps: int = 30):
-  """dSprites cut to 2,000 grid points, a tiny MLP and `num_steps` steps, evaluated every 10:
+def tiny_sprites_config(num_steps: int = 20):
+  """dSprites cut to 1,000 grid points, a tiny MLP and `num_steps` steps, evaluated every 10:
   a run with factor labels in seconds."""
   from jaxvae.config import base_config
   config = base_config()
   config.data.source = "sprites"
-  config.data.sprites_subsample = 2000
+  config.data.sprites_subsample = 1000
   config.model.likelihood = "bernoulli"
   config.model.hidden = (32,)
   config.model.latent_dim = 5

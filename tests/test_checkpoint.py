@@ -433,10 +433,13 @@ def test_skipping_off_changes_no_figure_and_stops_at_a_non_finite_loss(one_epoch
   config.optimizer.skip_nonfinite = "off"
   workdir = str(tmp_path / "off")
   train.train_and_evaluate(config, workdir)
-  # Without non-finite steps the check only ever kept the new values: the same run.
+  # Without non-finite steps the check only ever kept the new values: the same run, up to how
+  # XLA fuses the two programs (bitwise under some compile flags, a float32 rounding under others).
   (row,), (ref,) = _rows(workdir), _rows(one_epoch_run[0])
-  assert {k: v for k, v in row.items() if "seconds" not in k and "per_s" not in k} == {
-      k: v for k, v in ref.items() if "seconds" not in k and "per_s" not in k}
+  assert row.keys() == ref.keys()
+  for key in row:
+    if "seconds" not in key and "per_s" not in key:
+      np.testing.assert_allclose(row[key], ref[key], rtol=1e-6, err_msg=key)
 
   ckpt_digest = _tree_digest(os.path.join(workdir, "checkpoints"))
   _poison(monkeypatch, 1.0, [])

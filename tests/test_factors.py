@@ -32,7 +32,7 @@ def sprites_run(tmp_path_factory, traversals_drawn):
   with pytest.MonkeyPatch.context() as patch:  # watched, not replaced: the figures are drawn
     patch.setattr(figures, "plot_factor_traversals", lambda grid, labels, *args: (
         traversals_drawn.append((grid, labels)) or draw(grid, labels, *args)))
-    train_lib.train_and_evaluate(tiny_sprites_config(num_steps=30), str(workdir))
+    train_lib.train_and_evaluate(tiny_sprites_config(), str(workdir))
   return workdir
 
 
@@ -65,9 +65,9 @@ def test_eval_json_holds_mig_and_dci_of_all_five_factors(evaluated):
   for key in ("dci_disentanglement", "dci_completeness", "dci_informativeness_test"):
     assert 0 <= factors[key] <= 1, key
   assert np.shape(factors["mutual_info_nats"]) == (LATENTS, 5)
-  # 2,000 train-split images: the protocol's 10,000 + 5,000 points cut 2:1.
-  assert (factors["num_points"], factors["num_test"]) == (1333, 667)
-  assert "2000 of the 2000 train-split images" in factors["estimators"]["codes"]
+  # 1,000 train-split images: the protocol's 10,000 + 5,000 points cut 2:1.
+  assert (factors["num_points"], factors["num_test"]) == (666, 334)
+  assert "1000 of the 1000 train-split images" in factors["estimators"]["codes"]
   assert "disentanglement_lib protocol" in factors["estimators"]["mig"]
   assert result["seconds"]["factors"] > 0
   assert "kl_per_dim_nats" not in result["vae"] and len(result["kl_per_dim_nats"]) == LATENTS
@@ -83,7 +83,7 @@ def test_factor_sample_is_the_protocol_or_the_whole_split_cut_two_to_one():
 
 def test_every_evaluation_logs_the_kl_of_each_latent_dim(sprites_run):
   rows = figures.read_metrics(str(sprites_run))
-  assert [r["step"] for r in rows] == [10, 20, 30]
+  assert [r["step"] for r in rows] == [10, 20]
   for r in rows:
     kl = r["test/kl_per_dim_nats"]
     assert len(kl) == LATENTS and all(isinstance(v, float) and v >= 0 for v in kl)

@@ -171,10 +171,10 @@ def test_train_py_killed_peer_message_names_the_checkpoint_and_the_command(tmp_p
 
 @pytest.mark.slow
 def test_the_fault_benchmark_resumes_its_trials_bitwise(tmp_path):
-  """Two random faults of one-process runs (the long benchmark mixes in two-process runs and a
-  full disk): each resumed run equals the uninterrupted one bit for bit, no row lost or twice."""
+  """A random fault of a one-process run (the long benchmark mixes in two-process runs and a
+  full disk): the resumed run equals the uninterrupted one bit for bit, no row lost or twice."""
   proc = subprocess.run(
-      [sys.executable, "benchmarks/faults.py", "--trials=2", "--seed=3",
+      [sys.executable, "benchmarks/faults.py", "--trials=1", "--seed=3",
        "--two_process_share=0", "--disk_full_share=0", "--unreadable_share=0",
        f"--workdir={tmp_path}"],
       cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
@@ -182,8 +182,8 @@ def test_the_fault_benchmark_resumes_its_trials_bitwise(tmp_path):
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   trials, summary = lines[:-1], lines[-1]
-  assert summary["trials"] == len(trials) == 2
-  assert all(not t["phase"].startswith("missed") for t in trials), trials
-  assert summary["resumed_bitwise"] == 2, trials
+  assert summary["trials"] == len(trials) == 1
+  assert not trials[0]["phase"].startswith("missed"), trials
+  assert summary["resumed_bitwise"] == 1, trials
   assert summary["lost_rows"] == summary["duplicated_rows"] == 0
-  assert sum(summary["kinds"].values()) == 2
+  assert sum(summary["kinds"].values()) == 1

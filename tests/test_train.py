@@ -179,7 +179,7 @@ def test_validate_names_bad_combinations():
 
 @pytest.mark.slow
 @needs(CIFAR10_TGZ)
-def test_paper_config_lowers_test_elbo_on_real_cifar10_in_300_steps():
+def test_paper_config_lowers_test_elbo_on_real_cifar10_in_100_steps():
   config = cifar10.get_config()
   config.data.source, config.data.path = "folder", str(CIFAR10_TGZ)
   ds = data.load(config.data)
@@ -196,12 +196,11 @@ def test_paper_config_lowers_test_elbo_on_real_cifar10_in_300_steps():
   chunk = train_lib.make_train_chunk(exp.train_step(), mesh, "scan")
   idx, valid = jax.device_get(
       train_lib.epoch_batches(keys.shuffle, 0, len(ds.train.images), 32, 0, 100))
-  for i in range(3):
-    batches = parallel.gather_batches(ds.train.images, idx[i], mesh)
-    state, sums = chunk(state, batches, valid[i], keys.train, parallel.signal_array(0, mesh))
+  batches = parallel.gather_batches(ds.train.images, idx[0], mesh)
+  state, sums = chunk(state, batches, valid[0], keys.train, parallel.signal_array(0, mesh))
   after = evaluator(state.params["vae"], keys.eval)
-  assert int(state.step) == 300
-  assert after["elbo_nats"] > before["elbo_nats"] + 100  # nats per image
+  assert int(state.step) == 100
+  assert after["elbo_nats"] > before["elbo_nats"] + 100  # nats per image (seen: +184)
   assert after["recon_mean_ssim"] > before["recon_mean_ssim"]
 
 

@@ -1,9 +1,13 @@
-"""Records tests/data/fingerprints.json: every config's parameters after two train steps.
+"""Records every config's parameters after two train steps, for tests/test_fingerprints.py.
 
-Run once at 4f1e8a4 (before the objective seam) from that checkout's root:
-    python tests/data/record_fingerprints.py --old > tests/data/fingerprints.json
-and test_fingerprints.py checks that today's code gives the same numbers. Each variant is a
-config of configs/ (or an objective override of one) at batch 8 on fixed random images.
+Each variant is a config of configs/ (or an objective override of one) at batch 8 on fixed
+random images. tests/data/fingerprints.json was recorded once at 4f1e8a4 (before the objective
+seam), from that checkout's root, under XLA's default flags:
+    PYTHONPATH=. python tests/data/record_fingerprints.py --old > tests/data/fingerprints.json
+and fingerprints_fast_compile.json at 14b721e, after checking that its default-flag numbers
+equal those, under the suite's flags (tests/conftest.py FAST_COMPILE_FLAGS):
+    XLA_FLAGS="$FAST_COMPILE_FLAGS" PYTHONPATH=. python tests/data/record_fingerprints.py --new \
+        > tests/data/fingerprints_fast_compile.json
 """
 
 import json
@@ -76,9 +80,16 @@ def _old_init_and_step(config, shape, pixel_mean):
 
 
 if __name__ == "__main__":
-  assert sys.argv[1:] == ["--old"], "usage: record_fingerprints.py --old (at 4f1e8a4)"
+  assert sys.argv[1:] in (["--old"], ["--new"]), "usage: record_fingerprints.py --old | --new"
+  if sys.argv[1] == "--new":  # today's code: the builder and the named parameter groups
+    sys.path.insert(0, "tests")
+    from test_fingerprints import init_and_step
   out = {}
   for name, config, shape in variants():
-    state, loss = run(config, shape, _old_init_and_step)
-    out[name] = fingerprint(state.params, loss)
+    if sys.argv[1] == "--old":
+      state, loss = run(config, shape, _old_init_and_step)
+      out[name] = fingerprint(state.params, loss)
+    else:
+      state, loss = run(config, shape, init_and_step)
+      out[name] = fingerprint(state.params["vae"], loss)
   print(json.dumps(out, indent=1))
