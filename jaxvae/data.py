@@ -10,6 +10,7 @@ Sources (`config.data.source`):
            factor labels; `data.sprites_subsample` > 0 takes a fixed random subset as train.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -20,6 +21,11 @@ import tarfile
 import tempfile
 import zlib
 from typing import Callable
+
+try:
+  import fcntl
+except ImportError:  # not POSIX
+  fcntl = None
 from pathlib import Path
 
 import jax
@@ -272,32 +278,49 @@ def _load_folder(path: str, cache_dir: str) -> Dataset:
     raise DataError(f"image folder {root} is not readable by this user; fix its permissions")
   cache = Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
   cache_file = cache / f"folder-{root.name}-{_fingerprint(root)}.npz"
-  if cache_file.exists():
-    with np.load(cache_file) as z:
-      return Dataset(Split(z["train_images"], z["train_labels"]),
-                     Split(z["test_images"], z["test_labels"]),
-                     tuple(str(c) for c in z["class_names"]), root.name)
-  files = _list_archive(root) if root.is_file() else _list_dir(root)
-  ds = _decode_folder(files, root)
   cache.mkdir(parents=True, exist_ok=True)
-  # A name of its own, so processes that decode at once never write into one file; the
-  # rename is atomic, so a killed run never leaves a half-written cache.
-  fd, tmp = tempfile.mkstemp(dir=cache, prefix=cache_file.stem + ".", suffix=".tmp.npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, train_images=ds.train.images, train_labels=ds.train.labels,
-               test_images=ds.test.images, test_labels=ds.test.labels,
-               class_names=np.array(ds.class_names))
-    os.replace(tmp, cache_file)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  # One process decodes; others started at the same time wait for its cache file.
+  with _locked(cache / (cache_file.stem + ".lock")):
+    if cache_file.exists():
+      with np.load(cache_file) as z:
+        return Dataset(Split(z["train_images"], z["train_labels"]),
+                       Split(z["test_images"], z["test_labels"]),
+                       tuple(str(c) for c in z["class_names"]), root.name)
+    files = _list_archive(root) if root.is_file() else _list_dir(root)
+    ds = _decode_folder(files, root)
+    # The rename is atomic, so a killed run never leaves a half-written cache.
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=cache_file.stem + ".", suffix=".tmp.npz")
+    try:
+      with os.fdopen(fd, "wb") as f:
+        np.savez(f, train_images=ds.train.images, train_labels=ds.train.labels,
+                 test_images=ds.test.images, test_labels=ds.test.labels,
+                 class_names=np.array(ds.class_names))
+      os.replace(tmp, cache_file)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
   return ds
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+  """An exclusive advisory lock on `path` (POSIX; elsewhere no lock, and two processes may
+  both decode, each writing a whole cache file of its own)."""
+  if fcntl is None:
+    yield
+    return
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _split_class(rel: str):
-  parts = Path(rel).parts
-  if len(parts) == 3 and parts[0] in ("train", "test") and Path(parts[2]).suffix.lower() in IMAGE_SUFFIXES:
+  parts = rel.split("/")  # (a tar member's name, or a relative path made with "/")
+  if (len(parts) == 3 and parts[0] in ("train", "test")
+      and os.path.splitext(parts[2])[1].lower() in IMAGE_SUFFIXES):
     return parts[0], parts[1]
   return None
 
@@ -309,7 +332,7 @@ def _list_dir(root: Path):
     if not d.is_dir():
       continue
     for f in sorted(d.rglob("*")):
-      if f.is_file() and (sc := _split_class(str(f.relative_to(root)))):
+      if f.is_file() and (sc := _split_class(f.relative_to(root).as_posix())):
         yield sc[0], sc[1], str(f), f.read_bytes
 
 
@@ -317,7 +340,7 @@ def _list_archive(root: Path):
   if not tarfile.is_tarfile(root):
     raise DataError(f"{root} is a file but not a tar archive; give a folder or a .tar(.gz) of one")
   try:
-    with tarfile.open(root) as tar:
+    with tarfile.open(root, "r|*") as tar:  # a stream: read in order, no seeks back
       for m in tar:
         rel = m.name[2:] if m.name.startswith("./") else m.name
         if m.isfile() and (sc := _split_class(rel)):
@@ -328,13 +351,22 @@ def _list_archive(root: Path):
                     "download it again (compare its size or checksum with the original)") from None
 
 
+def _pixels(im) -> np.ndarray:
+  """A PIL image's pixels; 8-bit grey and RGB through raw bytes, a third faster than asarray."""
+  if im.mode in ("L", "RGB"):
+    im.load()
+    shape = (im.height, im.width) + ((3,) if im.mode == "RGB" else ())
+    return np.frombuffer(im.tobytes(), np.uint8).reshape(shape)
+  return np.asarray(im)
+
+
 def _decode_folder(files, root: Path) -> Dataset:
   from PIL import Image, UnidentifiedImageError
   per_split: dict[str, list] = {"train": [], "test": []}
   for split, cls, name, read in files:
     try:
       with Image.open(io.BytesIO(read())) as im:
-        arr = np.asarray(im)
+        arr = _pixels(im)
     except (UnidentifiedImageError, OSError) as e:
       raise DataError(f"{name} is not a readable image ({e}); remove or replace it") from None
     per_split[split].append((name, cls, arr))

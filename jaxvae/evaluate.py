@@ -251,6 +251,12 @@ def factor_metrics_of_run(run, mesh) -> dict:
   return out
 
 
+def check_iw_samples(iw_samples: int) -> None:
+  if iw_samples <= 0:
+    raise restore.RunError(f"--iw_samples={iw_samples} must be a positive number of importance "
+                           "samples, e.g. 1000")
+
+
 def evaluate_run(run, iw_samples: int | None = None, name: str = "") -> dict:
   """Every metric of a restored run (`jaxvae.restore.restore_run`), called `name`, on its test split.
 
@@ -260,9 +266,7 @@ def evaluate_run(run, iw_samples: int | None = None, name: str = "") -> dict:
   """
   config, ds, model = run.config, run.dataset, run.model
   iw_samples = config.eval.iw_samples if iw_samples is None else iw_samples
-  if iw_samples <= 0:
-    raise restore.RunError(f"--iw_samples={iw_samples} must be a positive number of importance "
-                           "samples, e.g. 1000")
+  check_iw_samples(iw_samples)
   mesh = parallel.make_mesh()
   seconds = {}
 
@@ -321,6 +325,11 @@ def _vae_metrics(run, iw_samples: int, mesh, timed) -> tuple[dict, np.ndarray, n
 
 def main(argv):
   workdir = flags.FLAGS.workdir
+  # Bad counts are refused before the run is restored and evaluated, not after.
+  if flags.FLAGS.iw_samples is not None:
+    check_iw_samples(flags.FLAGS.iw_samples)
+  if flags.FLAGS.fid:
+    fid.check_num_samples(flags.FLAGS.fid)
   run = restore.restore_for_command(argv, workdir)
   result = evaluate_run(run, flags.FLAGS.iw_samples, os.path.basename(os.path.abspath(workdir)))
   if flags.FLAGS.fid:

@@ -231,6 +231,13 @@ def _in_batches(fn, n: int, batch_size: int) -> np.ndarray:
   return np.concatenate([fn(s, size) for s in range(0, n, size)])[:n]
 
 
+def check_num_samples(num_samples: int) -> None:
+  """Refuses an image count that no covariance can be estimated from (RunError)."""
+  if num_samples < 2:
+    raise RunError(f"--fid={num_samples}: FID needs at least 2 images (50,000 is the "
+                   "standard count, 10,000 a common quick one)")
+
+
 def fid_of_run(run, num_samples: int, net: FeatureNet | None = None, batch_size: int = 100,
                temperature: float = 1.0, cache: Path | None = None,
                kid_subsets: int = KID_SUBSETS, reference_count: int = 0) -> dict:
@@ -239,9 +246,7 @@ def fid_of_run(run, num_samples: int, net: FeatureNet | None = None, batch_size:
   reference statistics (cached per data fingerprint): of all its images, or of a fixed random
   `reference_count` of them (numpy seed 0). The eval.json section: each entry names its
   estimator, image count and reference set. Keys come from the run's eval key."""
-  if num_samples < 2:
-    raise RunError(f"--fid={num_samples}: FID needs at least 2 images (50,000 is the "
-                           "standard count, 10,000 a common quick one)")
+  check_num_samples(num_samples)
   try:
     net = net or standard_net(cache=cache)
   except inception.WeightsError as e:

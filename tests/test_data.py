@@ -1,6 +1,8 @@
 """Every data source, the folder cache, and the messages bad data gets."""
 
+import concurrent.futures
 import tarfile
+import time
 
 import ml_collections
 import numpy as np
@@ -67,6 +69,25 @@ def test_folder_cache_hit_needs_no_decoding(tmp_path, monkeypatch):
   ds = data.load(cfg)
   monkeypatch.setattr(data, "_decode_folder", lambda *a: pytest.fail("decoded despite a cache"))
   np.testing.assert_array_equal(data.load(cfg).test.images, ds.test.images)
+
+
+def test_loads_started_together_decode_once(tmp_path, monkeypatch):
+  # Two loaders at once (threads here; processes lock the same way): one decodes while the
+  # other waits on the cache's lock, then reads the cache file.
+  _write_folder(tmp_path / "imgs")
+  cfg = _cfg(source="folder", path=str(tmp_path / "imgs"), cache_dir=str(tmp_path / "c"))
+  decode, calls = data._decode_folder, []
+
+  def slow_decode(*args):
+    calls.append(1)
+    time.sleep(0.5)  # long enough for the second loader to reach the lock
+    return decode(*args)
+
+  monkeypatch.setattr(data, "_decode_folder", slow_decode)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    a, b = pool.map(lambda _: data.load(cfg), range(2))
+  assert len(calls) == 1
+  np.testing.assert_array_equal(a.train.images, b.train.images)
 
 
 def test_tar_archive_reads_like_the_folder(tmp_path):
