@@ -21,12 +21,12 @@ import tarfile
 import tempfile
 import zlib
 from typing import Callable
+from pathlib import Path
 
 try:
   import fcntl
 except ImportError:  # not POSIX
   fcntl = None
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -278,14 +278,13 @@ def _load_folder(path: str, cache_dir: str) -> Dataset:
     raise DataError(f"image folder {root} is not readable by this user; fix its permissions")
   cache = Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
   cache_file = cache / f"folder-{root.name}-{_fingerprint(root)}.npz"
+  if cache_file.exists():  # (a read-only cache is read without a lock)
+    return _read_cache(cache_file, root)
   cache.mkdir(parents=True, exist_ok=True)
   # One process decodes; others started at the same time wait for its cache file.
   with _locked(cache / (cache_file.stem + ".lock")):
     if cache_file.exists():
-      with np.load(cache_file) as z:
-        return Dataset(Split(z["train_images"], z["train_labels"]),
-                       Split(z["test_images"], z["test_labels"]),
-                       tuple(str(c) for c in z["class_names"]), root.name)
+      return _read_cache(cache_file, root)
     files = _list_archive(root) if root.is_file() else _list_dir(root)
     ds = _decode_folder(files, root)
     # The rename is atomic, so a killed run never leaves a half-written cache.
@@ -302,14 +301,25 @@ def _load_folder(path: str, cache_dir: str) -> Dataset:
   return ds
 
 
+def _read_cache(cache_file: Path, root: Path) -> Dataset:
+  with np.load(cache_file) as z:
+    return Dataset(Split(z["train_images"], z["train_labels"]),
+                   Split(z["test_images"], z["test_labels"]),
+                   tuple(str(c) for c in z["class_names"]), root.name)
+
+
 @contextlib.contextmanager
 def _locked(path: Path):
-  """An exclusive advisory lock on `path` (POSIX; elsewhere no lock, and two processes may
-  both decode, each writing a whole cache file of its own)."""
-  if fcntl is None:
+  """An exclusive advisory lock on `path`. Without one (not POSIX, or the file cannot be
+  opened) two processes may both decode, each writing a whole cache file of its own."""
+  try:
+    f = open(path, "a") if fcntl else None
+  except OSError:
+    f = None
+  if f is None:
     yield
     return
-  with open(path, "a") as f:
+  with f:
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
       yield
