@@ -4,7 +4,8 @@ Sources (`config.data.source`):
   tfds:   a TFDS dataset by name (`data.name`), `data.path` as its data_dir if set.
   folder: `data.path` laid out `split/class/*.{png,jpg,jpeg}` (a directory, or a .tar/.tar.gz
           archive of one); sorted class folder names give the labels. Decoded arrays are cached
-          under `data.cache_dir` (default ~/.cache/jaxvae), so a second run starts in seconds.
+          under `data.cache_dir` (default ~/.cache/jaxvae), so a second run starts in seconds;
+          runs started together decode once.
   digits: scikit-learn's bundled 8x8 handwritten digits (no download).
   sprites: dSprites' 737,280 binary 64x64 sprites, generated (jaxvae/sprites.py), with their
            factor labels; `data.sprites_subsample` > 0 takes a fixed random subset as train.

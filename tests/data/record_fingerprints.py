@@ -81,15 +81,12 @@ def _old_init_and_step(config, shape, pixel_mean):
 
 if __name__ == "__main__":
   assert sys.argv[1:] in (["--old"], ["--new"]), "usage: record_fingerprints.py --old | --new"
-  if sys.argv[1] == "--new":  # today's code: the builder and the named parameter groups
+  old = sys.argv[1] == "--old"
+  if not old:  # today's code: the builder and the named parameter groups
     sys.path.insert(0, "tests")
     from test_fingerprints import init_and_step
   out = {}
   for name, config, shape in variants():
-    if sys.argv[1] == "--old":
-      state, loss = run(config, shape, _old_init_and_step)
-      out[name] = fingerprint(state.params, loss)
-    else:
-      state, loss = run(config, shape, init_and_step)
-      out[name] = fingerprint(state.params["vae"], loss)
+    state, loss = run(config, shape, _old_init_and_step if old else init_and_step)
+    out[name] = fingerprint(state.params if old else state.params["vae"], loss)
   print(json.dumps(out, indent=1))
