@@ -30,20 +30,39 @@ def _dot_flops(eqn) -> tuple[int, tuple]:
 
 
 def step_matmuls(gradients_fn, *args) -> list[tuple[int, tuple]]:
-  """Every matrix product (and convolution) of `gradients_fn(*args)`, from its jaxpr: for an
-  objective's `gradients`, one forward + backward pass of every trained group."""
-  jaxpr = jax.make_jaxpr(gradients_fn)(*args)
+  """Every matrix product (and convolution) whose result reaches an output of
+  `gradients_fn(*args)`, from its jaxpr: for an objective's `gradients`, one forward + backward
+  pass of every trained group. A product that reaches no output (a pullback's gradient of a
+  group it does not train) is left out, as XLA removes it when it compiles the step."""
   found = []
 
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
+  def walk(jaxpr, used_outputs: list[bool]) -> list[bool]:
+    """Records the live products of `jaxpr`, given which outputs are used; returns which
+    inputs are."""
+    live = {v for v, used in zip(jaxpr.outvars, used_outputs) if used and _is_var(v)}
+    for eqn in reversed(jaxpr.eqns):
+      outputs = [_is_var(v) and v in live for v in eqn.outvars]
+      if not any(outputs) and not eqn.effects:
+        continue
       if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
         found.append(_dot_flops(eqn))
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        walk(sub)
+      subs = list(jax.extend.core.jaxprs_in_params(eqn.params))
+      inputs = [True] * len(eqn.invars)
+      if eqn.primitive.name in ("pjit", "jit", "closed_call") and len(subs) == 1:
+        inputs = walk(subs[0], outputs)  # a call: its inputs and outputs are the equation's
+      else:  # loops, branches, custom derivatives: every product inside counts
+        for sub in subs:
+          walk(sub, [True] * len(sub.outvars))
+      live.update(v for v, used in zip(eqn.invars, inputs) if used and _is_var(v))
+    return [v in live for v in jaxpr.invars]
 
-  walk(jaxpr.jaxpr)
-  return found
+  closed = jax.make_jaxpr(gradients_fn)(*args)
+  walk(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+  return found[::-1]
+
+
+def _is_var(v) -> bool:
+  return isinstance(v, jax.extend.core.Var) and not isinstance(v, jax.extend.core.DropVar)
 
 
 def _time_loop(fn, args, min_seconds: float = 1.0) -> float:

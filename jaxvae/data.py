@@ -11,11 +11,14 @@ Sources (`config.data.source`):
            factor labels; `data.sprites_subsample` > 0 takes a fixed random subset as train.
 """
 
+import bz2
 import contextlib
 import dataclasses
+import gzip
 import hashlib
 import importlib.util
 import io
+import lzma
 import os
 import socket
 import tarfile
@@ -347,17 +350,30 @@ def _list_dir(root: Path):
         yield sc[0], sc[1], str(f), f.read_bytes
 
 
+# A compressed archive is read through its module's reader, which raises on a stream cut short
+# wherever the cut falls; tarfile's own stream reader ends quietly at a cut inside a header.
+_DECOMPRESSORS = {b"\x1f\x8b": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
+                  b"BZh": bz2.BZ2File, b"\xfd7zXZ\x00": lzma.LZMAFile}
+
+
 def _list_archive(root: Path):
   if not tarfile.is_tarfile(root):
     raise DataError(f"{root} is a file but not a tar archive; give a folder or a .tar(.gz) of one")
   try:
-    with tarfile.open(root, "r|*") as tar:  # a stream: read in order, no seeks back
-      for m in tar:
-        rel = m.name[2:] if m.name.startswith("./") else m.name
-        if m.isfile() and (sc := _split_class(rel)):
-          data = tar.extractfile(m).read()
-          yield sc[0], sc[1], f"{root}:{rel}", lambda data=data: data
-  except (EOFError, tarfile.TarError, zlib.error, OSError) as e:  # a copy cut short, or damaged
+    with open(root, "rb") as raw:
+      magic = raw.read(6)
+      raw.seek(0)
+      opener = next((o for m, o in _DECOMPRESSORS.items() if magic.startswith(m)), None)
+      with (opener(raw) if opener else contextlib.nullcontext(raw)) as f:
+        with tarfile.open(fileobj=f, mode="r|") as tar:  # a stream: read in order, no seeks back
+          for m in tar:
+            rel = m.name[2:] if m.name.startswith("./") else m.name
+            if m.isfile() and (sc := _split_class(rel)):
+              data = tar.extractfile(m).read()
+              yield sc[0], sc[1], f"{root}:{rel}", lambda data=data: data
+        while f.read(1 << 20):  # to the compressed stream's end: a cut in its tail raises too
+          pass
+  except (EOFError, tarfile.TarError, zlib.error, lzma.LZMAError, OSError) as e:
     raise DataError(f"{root} is damaged or incomplete ({type(e).__name__}: {e}); copy or "
                     "download it again (compare its size or checksum with the original)") from None
 

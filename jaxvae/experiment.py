@@ -6,6 +6,7 @@ Training, restoring a run for the commands, and the benchmarks all build through
 """
 
 import dataclasses
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -32,9 +33,17 @@ class Experiment:
   def init_state(self, rng: jax.Array) -> TrainState:
     """A fresh state: every group's parameters from `rng` (see `Objective.init`), each trained
     group's optimizer state, step 0."""
-    params = self.objective.init(rng, self.image_shape)
-    opt_state = {name: tx.init(params[name]) for name, tx in self.optimizers.items()}
-    return TrainState(jnp.zeros((), jnp.int32), params, opt_state, jnp.zeros((), jnp.int32))
+    return self._compiled_init(rng)
+
+  @functools.cached_property
+  def _compiled_init(self) -> Callable[[jax.Array], TrainState]:
+    """`init_state`, compiled once per experiment: the checkpoint template's shapes and the
+    fresh state share one trace (the bits are those of op-by-op init, see `models.init_params`)."""
+    def init(rng):
+      params = self.objective.init(rng, self.image_shape)
+      opt_state = {name: tx.init(params[name]) for name, tx in self.optimizers.items()}
+      return TrainState(jnp.zeros((), jnp.int32), params, opt_state, jnp.zeros((), jnp.int32))
+    return jax.jit(init)
 
   def train_step(self) -> Callable:
     """(state, x uint8[B, H, W, C], key) -> (state, metrics); see `step.make_train_step`."""

@@ -117,3 +117,29 @@ def test_minimal_times_the_flax_example_too():
   assert out["flax_example_ms_per_step"] > 0
   assert out["jaxvae_over_flax_example"] == pytest.approx(
       out["jaxvae_ms_per_step"] / out["flax_example_ms_per_step"])
+
+
+def test_the_floor_counts_only_products_that_reach_an_output():
+  """A pullback's gradient of an input nobody reads (as in the VAE-GAN's three pullbacks) holds
+  products XLA removes; the floor must not time them."""
+  import jax
+  import jax.numpy as jnp
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import rates
+
+  x, a, b = jnp.ones((8, 4)), jnp.ones((4, 3)), jnp.ones((3, 2))
+  net = lambda a, b: jnp.tanh(x @ a) @ b
+
+  def grad_of_a(a, b, inner=net):
+    y, pullback = jax.vjp(inner, a, b)
+    return pullback(jnp.ones_like(y))[0]  # d/da only: the gradient of b is dead
+
+  # Live: x @ a (tanh's derivative reads it), the cotangent through b, and x^T times it; dead:
+  # the product by b in the forward pass and the gradient of b.
+  flops = [2 * 8 * 4 * 3, 2 * 8 * 2 * 3, 2 * 4 * 8 * 3]
+  for inner in (net, jax.jit(net)):  # inline, and inside a call
+    products = rates.step_matmuls(lambda a, b: grad_of_a(a, b, inner), a, b)
+    assert sorted(f for f, _ in products) == sorted(flops)
+  both = rates.step_matmuls(lambda a, b: jax.grad(lambda a, b: net(a, b).sum(), (0, 1))(a, b),
+                            a, b)
+  assert len(both) == 4  # x @ a, the cotangent through b, and both gradients

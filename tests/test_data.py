@@ -110,10 +110,12 @@ def test_a_truncated_archive_is_a_data_error_naming_the_file(tmp_path):
     for split in ("train", "test"):
       tar.add(tmp_path / "imgs" / split, arcname=split)
   whole = archive.read_bytes()
-  archive.write_bytes(whole[: len(whole) * 2 // 3])  # a copy cut short
-  with pytest.raises(data.DataError, match=rf"{archive} is damaged or incomplete .*copy or "
-                     "download it again"):
-    data.load(_cfg(source="folder", path=str(archive), cache_dir=str(tmp_path / "c")))
+  # A copy cut short anywhere: in a member's data, in a header, in the stream's tail.
+  for cut in sorted({len(whole) * k // 8 for k in range(1, 8)} | {len(whole) - 1}):
+    archive.write_bytes(whole[:cut])
+    with pytest.raises(data.DataError, match=rf"{archive} is damaged or incomplete .*copy or "
+                       "download it again"):
+      data.load(_cfg(source="folder", path=str(archive), cache_dir=str(tmp_path / f"c{cut}")))
 
 
 @pytest.mark.parametrize("problem,match", [
