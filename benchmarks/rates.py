@@ -81,22 +81,22 @@ def _time_loop(fn, args, min_seconds: float = 1.0) -> float:
   return min(times) / reps
 
 
-def product_seconds(product, a, b, options: dict, min_seconds: float = 1.0) -> float:
-  """Seconds of one product(a, b), compiled alone and called from Python, outside any loop:
-  the best of three runs of about `min_seconds` of calls, after a warm-up. Calls are
+def product_seconds(product, *operands, options: dict, min_seconds: float = 1.0) -> float:
+  """Seconds of one product(*operands), compiled alone and called from Python, outside any
+  loop: the best of three runs of about `min_seconds` of calls, after a warm-up. Calls are
   dispatched asynchronously, so each is queued while the one before runs. Inside a compiled
   loop XLA:CPU gives a convolution a slow kernel (jax-ml/jax#12868), which would misstate a
   step that runs none in a loop."""
   run = jax.jit(product, compiler_options=options)
-  jax.block_until_ready(run(a, b))
+  jax.block_until_ready(run(*operands))
   t0 = time.perf_counter()
-  jax.block_until_ready(run(a, b))
+  jax.block_until_ready(run(*operands))
   calls = max(1, math.ceil(min_seconds / (time.perf_counter() - t0)))
   times = []
   for _ in range(3):
     t0 = time.perf_counter()
     for _ in range(calls):
-      out = run(a, b)
+      out = run(*operands)
     jax.block_until_ready(out)
     times.append(time.perf_counter() - t0)
   return min(times) / calls
@@ -104,19 +104,25 @@ def product_seconds(product, a, b, options: dict, min_seconds: float = 1.0) -> f
 
 def matmul_rate(products: list[tuple[int, tuple]], options: dict,
                 min_seconds: float = 0.25) -> float:
-  """FLOP/s of the given products: their FLOPs over the sum of their times, each product
-  timed alone (`product_seconds`, `min_seconds` each) on operands of its own shape and dtype."""
-  seconds = 0.0
-  for _, (prim, params, lhs, rhs) in products:
-    seconds += product_seconds(functools.partial(prim.bind, **params),
-                               jnp.full(lhs.shape, 0.5, lhs.dtype),
-                               jnp.full(rhs.shape, 0.5, rhs.dtype), options, min_seconds)
+  """FLOP/s of the given products computed together: one program of all of them, each on
+  operands of its own shape and dtype, timed as `product_seconds` times one product (about
+  `min_seconds` per product). XLA:CPU runs independent products at the same time, in the step
+  as here (a layer's two backward products, the VAE-GAN's three pullbacks); summing each
+  product's time alone overstated the step's products by a third there, and the step ran
+  faster than that "floor"."""
+  ops = [functools.partial(prim.bind, **params) for _, (prim, params, _, _) in products]
+  operands = [(jnp.full(lhs.shape, 0.5, lhs.dtype), jnp.full(rhs.shape, 0.5, rhs.dtype))
+              for _, (_, _, lhs, rhs) in products]
+  together = lambda operands: [op(a, b) for op, (a, b) in zip(ops, operands)]
+  seconds = product_seconds(together, operands, options=options,
+                            min_seconds=min_seconds * len(products))
   return sum(f for f, _ in products) / seconds
 
 
 def large_matmul_rate(options: dict, n: int = 2048, min_seconds: float = 1.0) -> float:
   a = jnp.full((n, n), 0.5, jnp.float32)
-  return 2 * n ** 3 / product_seconds(jnp.matmul, a, a, options, min_seconds)
+  return 2 * n ** 3 / product_seconds(jnp.matmul, a, a, options=options,
+                                       min_seconds=min_seconds)
 
 
 def optimizer_seconds(tx, params, opt_state, options: dict, min_seconds: float = 1.0) -> float:

@@ -15,9 +15,9 @@ by default, the real image folder (or .tar.gz) with --data_path. The JSON keys:
                               epoch run and the time is scaled to a whole epoch
   eval_s                      median of the Evaluator over the test split (ELBO, SSIM, ...)
   matmul_rate_gflop_per_s     the rate of exactly the step's matrix products and convolutions
-                              (shapes and dtypes from the model's jaxpr): their FLOPs over the
-                              sum of their times, each product compiled alone and timed outside
-                              any loop in this process (rates.product_seconds)
+                              (shapes and dtypes from the objective's jaxpr, those that reach a
+                              gradient): their FLOPs over the time of one program computing
+                              them all, outside any loop, in this process (rates.matmul_rate)
   large_matmul_rate_gflop_per_s  one 2048^3 product: the machine's large-matmul rate
   fraction_of_matmul_rate     the step's matmul FLOPs per second of step over that rate
   optimizer_ms                one optimizer update of the real parameters, alone
