@@ -47,7 +47,7 @@ FIGSIZES = {  # inches (width, height)
     "factor_traversals": (12, 9),
     "factor_traversals_animated": (9, 6),  # a GIF, one frame per traversal value
     "sweep": (13, 5),
-    "compare_training": (15, 4.5),
+    "compare_training": (20, 4.5),
     "compare_images": (12, 8),
 }
 FACTOR_FIGURES = ("factor_traversals", "factor_traversals_animated")  # data with factor labels
@@ -368,31 +368,58 @@ def plot_sweep(workdirs, out_dir: str) -> str:
   return _save(fig, out_dir, "sweep")
 
 
+# A run's training terms per image, as `plot_compare_training` draws them: name, metric key,
+# sign, line style.
+LOSS_TERMS = (("KL", "train/kl_nats", 1, "-"), ("pixel -log p(x|z)", "train/log_lik_nats", -1, "--"),
+              ("feature term", "train/llike", 1, "-."), ("D's loss", "train/disc_loss", 1, ":"))
+
+
+def loss_terms(rows: list[dict]) -> dict[str, np.ndarray]:
+  """The `LOSS_TERMS` a run logged, per row, by name (a VAE-GAN logs all four; its VAE control
+  learns from the KL and the pixel term while its watching discriminator logs the others; a
+  GAN logs the discriminator's alone)."""
+  terms = {}
+  for name, key, sign, _ in LOSS_TERMS:
+    values = _series(rows, key)
+    if values is not None:
+      terms[name] = sign * values
+  return terms
+
+
 def plot_compare_training(runs: dict[str, list[dict]], out_dir: str) -> str:
   """OUT/compare_training.png of runs {name: metrics rows} over optimizer steps: the test
-  -ELBO of the pixel likelihood, the test reconstructions' SSIM, and the discriminator's mean
-  output on real, reconstructed and prior-sampled images (runs of objective.kind=vae_gan)."""
-  fig, (ax_elbo, ax_ssim, ax_d) = _figure("compare_training", ncols=3)
+  -ELBO of the pixel likelihood, the test reconstructions' SSIM, each run's training terms
+  (`loss_terms`; the paper's Figure 7 sets a VAE's beside a VAE-GAN's) and the
+  discriminator's mean output on real, reconstructed and prior-sampled images (runs of
+  objective.kind=vae_gan)."""
+  fig, (ax_elbo, ax_ssim, ax_terms, ax_d) = _figure("compare_training", ncols=4)
   for name, rows in runs.items():
     steps = _series(rows, "step")
     line, = ax_elbo.plot(steps, -_series(rows, "test/elbo_nats"), marker=".", label=name)
     ssim = _series(rows, "test/recon_mean_ssim")
     if ssim is not None:
       ax_ssim.plot(steps, ssim, marker=".", color=line.get_color(), label=name)
+    styles = {term: style for term, _, _, style in LOSS_TERMS}
+    for term, values in loss_terms(rows).items():
+      ax_terms.plot(steps, values, styles[term], color=line.get_color(), label=f"{name}: {term}")
     for key, style in (("train/d_real", "-"), ("train/d_recon", "--"), ("train/d_sample", ":")):
       d = _series(rows, key)
       if d is not None:
         ax_d.plot(steps, d, style, color=line.get_color(),
                   label=f"{name}: {key.split('_')[-1]}")
+  ax_terms.set_yscale("log")  # nats per image beside a discriminator loss below 1
   for ax, ylabel, title in (
       (ax_elbo, "test -ELBO, pixel likelihood (nats per image)", "density (lower is better)"),
       (ax_ssim, "test reconstruction SSIM (posterior mean)", "reconstruction (higher is better)"),
+      (ax_terms, "training term per image (mean over each row's steps)",
+       "training terms: KL -, pixel --, feature -., D's loss :"),
       (ax_d, "mean D(x) in training batches", "discriminator: real -, recon --, sample :")):
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # (a panel no run logs stays empty)
+      ax.legend(fontsize=7)
   fig.suptitle(f"{len(runs)} runs side by side: " + ", ".join(runs))
   return _save(fig, out_dir, "compare_training")
 

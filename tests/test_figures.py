@@ -145,3 +145,18 @@ def test_drawing_again_reuses_the_compiled_encoder_pass(run_dir):
   assert compiled >= 1 and program._cache_size() == compiled  # the second call compiled nothing
   for a, b in zip(first, second):
     np.testing.assert_array_equal(a, b)
+
+
+def test_the_comparison_draws_each_runs_training_terms_with_their_signs(tmp_path):
+  vae_gan = [{"step": s, "test/elbo_nats": -9.0, "train/kl_nats": 3.0 + s,
+              "train/log_lik_nats": -8.0, "train/llike": 5.0, "train/disc_loss": 0.5}
+             for s in (10, 20)]
+  gan = [{"step": s, "test/elbo_nats": -9.0, "train/disc_loss": 0.7} for s in (10, 20)]
+  terms = figures.loss_terms(vae_gan)
+  assert list(terms) == ["KL", "pixel -log p(x|z)", "feature term", "D's loss"]
+  np.testing.assert_array_equal(terms["KL"], [13.0, 23.0])
+  np.testing.assert_array_equal(terms["pixel -log p(x|z)"], [8.0, 8.0])  # -log p, positive
+  assert list(figures.loss_terms(gan)) == ["D's loss"]
+  path = figures.plot_compare_training({"vae_gan": vae_gan, "gan": gan}, str(tmp_path))
+  with Image.open(path) as im:
+    assert im.size == tuple(round(v * figures.DPI) for v in figures.FIGSIZES["compare_training"])
