@@ -291,6 +291,7 @@ def plot_factor_traversals(grid: np.ndarray, row_labels, values, original: np.nd
     fig.suptitle(f"{title}\ntraversed dim = {value:+.2f}", fontsize=9)
     fig.canvas.draw()
     frames.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]))
+    fig.set_layout_engine("none")  # laid out once: each later frame keeps the first's places
   plt.close(fig)
   gif = os.path.join(out_dir, "factor_traversals_animated.gif")
   frames[0].save(gif, save_all=True, append_images=frames[1:], duration=GIF_FRAME_MS, loop=0)
