@@ -371,8 +371,10 @@ def plot_sweep(workdirs, out_dir: str) -> str:
 
 # A run's training terms per image, as `plot_compare_training` draws them: name, metric key,
 # sign, line style.
-LOSS_TERMS = (("KL", "train/kl_nats", 1, "-"), ("pixel -log p(x|z)", "train/log_lik_nats", -1, "--"),
-              ("feature term", "train/llike", 1, "-."), ("D's loss", "train/disc_loss", 1, ":"))
+LOSS_TERMS = (("KL", "train/kl_nats", 1, "-"),
+              ("pixel -log p(x|z)", "train/log_lik_nats", -1, "--"),
+              ("feature term", "train/llike", 1, "-."),
+              ("D's loss", "train/disc_loss", 1, ":"))
 
 
 def loss_terms(rows: list[dict]) -> dict[str, np.ndarray]:
@@ -394,13 +396,13 @@ def plot_compare_training(runs: dict[str, list[dict]], out_dir: str) -> str:
   discriminator's mean output on real, reconstructed and prior-sampled images (runs of
   objective.kind=vae_gan)."""
   fig, (ax_elbo, ax_ssim, ax_terms, ax_d) = _figure("compare_training", ncols=4)
+  styles = {term: style for term, _, _, style in LOSS_TERMS}
   for name, rows in runs.items():
     steps = _series(rows, "step")
     line, = ax_elbo.plot(steps, -_series(rows, "test/elbo_nats"), marker=".", label=name)
     ssim = _series(rows, "test/recon_mean_ssim")
     if ssim is not None:
       ax_ssim.plot(steps, ssim, marker=".", color=line.get_color(), label=name)
-    styles = {term: style for term, _, _, style in LOSS_TERMS}
     for term, values in loss_terms(rows).items():
       ax_terms.plot(steps, values, styles[term], color=line.get_color(), label=f"{name}: {term}")
     for key, style in (("train/d_real", "-"), ("train/d_recon", "--"), ("train/d_sample", ":")):

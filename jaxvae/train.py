@@ -49,9 +49,7 @@ def make_train_chunk(train_step, mesh, loop: str):
   host). Both draw step keys fold_in(train_key, state.step) and sum the same way.
   """
   batch_sharding = parallel.batch_sharded(mesh)
-  # Jitted, the step is traced once for both its metrics' shapes and its call (an inner jit is
-  # inlined when the chunk compiles).
-  train_step = jax.jit(train_step)
+  train_step = jax.jit(train_step)  # one trace for its metrics' shapes and its call (inlined)
 
   def blank_metrics(state, batches, train_key):
     shapes = jax.eval_shape(train_step, state, batches[0], train_key)[1]
