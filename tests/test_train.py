@@ -146,7 +146,6 @@ def test_train_py_end_to_end_writes_metrics_config_and_figures(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ("--config.model.nope=1", "nope"),
-    ("--config.model.likelihood=poisson", "config.model.likelihood='poisson' is not allowed"),
     ("--config.batch_size=0", "config.batch_size=0 must be a positive int"),
     ("--config.batch_size=abc", "batch_size"),
 ])
@@ -170,6 +169,10 @@ def test_validate_names_bad_combinations():
   c = tiny_digits_config()
   c.objective.beta = -1.0
   with pytest.raises(config_lib.ConfigError, match="objective.beta"):
+    config_lib.validate(c)
+  c = tiny_digits_config()
+  c.model.likelihood = "poisson"
+  with pytest.raises(config_lib.ConfigError, match="config.model.likelihood='poisson' is not allowed"):
     config_lib.validate(c)
   c = tiny_digits_config()
   c.loop_mode = "unroll"
