@@ -9,7 +9,7 @@ import json
 
 import ml_collections
 
-from jaxvae import data, distributions, loops, models, objectives, optim, sprites
+from jaxvae import data, distributions, loops, models, objectives, optim, sprites, topdown
 from jaxvae.errors import ConfigError, check_positive
 
 
@@ -89,6 +89,13 @@ def _model_config() -> ml_collections.ConfigDict:
   k.output_bias_init = "zeros"        # mlp decoder: zeros | data_mean (decodes to the train mean)
   k.compute_dtype = "float32"        # float32 | bfloat16: the layers' products (float32 sums);
                                      # parameters, activations, Adam and the loss stay float32
+  # arch=topdown (jaxvae/topdown.py, a VD-VAE-style hierarchy of latent grids; GELU, float32,
+  # lecun_normal fixed): its blocks, channels and latent channels per group.
+  k.blocks_up = "32x2,32d2,16x2,16d2,8x2,8d2,4x2,4d4,1x1"  # bottom-up: r x n | r d pooling
+  k.blocks_down = "1x1,4m1,4x1,8m4,8x1,16m8,16x1,32m16,32x1"  # top-down: r x n | r m from
+  k.width = 64                     # channels of every block's input and output
+  k.bottleneck = 0.25              # a block's inner channels, as a share of width
+  k.latent_channels = 8            # Z, channels of each latent group's grid
   return k
 
 
@@ -103,6 +110,12 @@ def _optimizer_config() -> ml_collections.ConfigDict:
   k.stage_end_epochs = ()            # piecewise: the epoch each stage ends at, increasing
   k.stage_learning_rates = ()            # piecewise: each stage's learning rate
   k.grad_clip_norm = 0.0            # global-norm clipping; 0 turns it off
+  k.skip_grad_norm = 0.0            # > 0: a group's update whose gradient's global norm (before
+                                    # clipping) is at least this is skipped like a non-finite
+                                    # one (VD-VAE's skip threshold); 0 turns it off
+  k.ema_decay = 0.0                 # > 0: keep an exponential moving average of the parameters
+                                    # with this decay (VD-VAE: 0.9999), which evaluation, the
+                                    # figures and the commands then use; 0 turns it off
   k.max_consecutive_skips = 20            # non-finite steps are skipped; this many in a row stop
   k.skip_nonfinite = "grads"            # which steps are skipped: grads (a non-finite loss or
                                         # any non-finite gradient) | loss (a non-finite loss
@@ -134,6 +147,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c.data.source, data.LOADERS, "data.source")
   _choice(c.data.binarize, data.BINARIZATIONS, "data.binarize")
   _validate_model(c.model)
+  if c.model.arch == "topdown":
+    _validate_topdown(c)
   _choice(c.optimizer.skip_nonfinite, SKIP_NONFINITE, "optimizer.skip_nonfinite")
   _choice(c.optimizer.schedule, optim.SCHEDULES, "optimizer.schedule")
   for key, value in (("model.obs_sigma", c.model.obs_sigma),
@@ -150,6 +165,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   problem = optim.schedule_problem(c.optimizer, 0 if c.num_steps else c.num_epochs)
   if problem:
     raise ConfigError(problem)
+  _validate_stabilizers(c.optimizer)
   if c.optimizer.grad_clip_norm < 0:
     raise ConfigError(f"config.optimizer.grad_clip_norm={c.optimizer.grad_clip_norm} must be >= 0 "
                       "(0 turns clipping off)")
@@ -198,6 +214,47 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
   if m.arch in ("conv", "larsen") and not m.conv_channels:
     raise ConfigError(f"config.model.conv_channels=() gives the {m.arch} arch no layer; give e.g. "
                       "(32, 64)")
+
+
+def _validate_stabilizers(o: ml_collections.ConfigDict) -> None:
+  if not 0 <= o.ema_decay < 1:
+    raise ConfigError(f"config.optimizer.ema_decay={o.ema_decay} must be in [0, 1) (0 turns the "
+                      "moving average off; VD-VAE uses 0.9999)")
+  if o.skip_grad_norm < 0:
+    raise ConfigError(f"config.optimizer.skip_grad_norm={o.skip_grad_norm} must be >= 0 (0 turns "
+                      "it off)")
+  if o.skip_grad_norm and o.skip_nonfinite != "grads":
+    raise ConfigError(f"config.optimizer.skip_grad_norm={o.skip_grad_norm} skips steps by their "
+                      f"gradient, which config.optimizer.skip_nonfinite={o.skip_nonfinite!r} "
+                      "does not look at; set skip_nonfinite='grads'")
+
+
+TOPDOWN_OBJECTIVES = ("elbo", "capacity")  # those that read only the ELBO's two terms
+
+
+def _validate_topdown(c: ml_collections.ConfigDict) -> None:
+  """The arch=topdown keys that can be checked before the image shape is known, and what it
+  trains with: the one-draw ELBO objectives, a discrete likelihood (it is a density model)."""
+  m, o = c.model, c.objective
+  if o.kind not in TOPDOWN_OBJECTIVES or o.num_samples != 1 or o.free_bits:
+    raise ConfigError(f"config.model.arch='topdown' trains with objective.kind in "
+                      f"{TOPDOWN_OBJECTIVES}, num_samples=1 and free_bits=0 (one posterior draw "
+                      f"through its groups), not kind={o.kind!r}, num_samples={o.num_samples}, "
+                      f"free_bits={o.free_bits}")
+  if m.likelihood not in distributions.DISCRETE_LIKELIHOODS:
+    raise ConfigError(f"config.model.arch='topdown' needs a discrete likelihood, one of "
+                      f"{distributions.DISCRETE_LIKELIHOODS}, not {m.likelihood!r}")
+  for key in ("width", "latent_channels"):
+    check_positive(m[key], f"model.{key}")
+  if not 0 < m.bottleneck <= 1:
+    raise ConfigError(f"config.model.bottleneck={m.bottleneck} must be in (0, 1] (VD-VAE: 0.25)")
+  if m.compute_dtype != "float32" or m.middle_dim:
+    raise ConfigError("config.model.arch='topdown' computes in float32 with its own hierarchy; "
+                      "set model.compute_dtype='float32' and model.middle_dim=0")
+  try:
+    topdown.parse_up(m.blocks_up), topdown.parse_down(m.blocks_down)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 # Keys a resumed run may change: they steer how long it runs, what it logs and evaluates, and

@@ -71,6 +71,17 @@ def kl_per_dim(mean: jax.Array, log_scale: jax.Array) -> jax.Array:
   return 0.5 * (jnp.square(mean) + jnp.exp(2.0 * log_scale) - 1.0) - log_scale
 
 
+def kl_diag_gaussians(mean_q: jax.Array, log_scale_q: jax.Array, mean_p: jax.Array,
+                      log_scale_p: jax.Array) -> jax.Array:
+  """KL(N(mean_q, sigma_q^2) || N(mean_p, sigma_p^2)) per element, analytic, nats; broadcasting.
+
+  log(sigma_p / sigma_q) + (sigma_q^2 + (mean_q - mean_p)^2) / (2 sigma_p^2) - 1/2.
+  """
+  ratio = jnp.exp(2.0 * (log_scale_q - log_scale_p))
+  mahalanobis = jnp.square((mean_q - mean_p) * jnp.exp(-log_scale_p))
+  return log_scale_p - log_scale_q + 0.5 * (ratio + mahalanobis - 1.0)
+
+
 def diag_gaussian_log_prob_per_dim(z: jax.Array, mean: jax.Array,
                                    log_scale: jax.Array) -> jax.Array:
   """log N(z_k; mean_k, exp(log_scale_k)^2) per dim, broadcasting: f32[..., K] -> f32[..., K]."""

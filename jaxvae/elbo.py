@@ -23,7 +23,15 @@ def elbo_terms(params, rng: jax.Array, x: jax.Array, *, model: VAE,
   E_q[log p(x|z)] from `num_samples` draws) and `kl` (the model's `kl`), the posterior `mean`
   and `log_scale` f32[B, K] of the latent next to x, its draws `z` f32[L, B, K], the decoder
   output `obs` of the draws (each f32[L * B, ...]) and `kl_per_dim` f32[B, K_top].
+
+  A top-down model (`models.VAE.top_down`) gives its own one-draw terms (`topdown.TopDownVAE.terms`):
+  `log_lik`, `kl`, `obs` and, as `kl_per_dim`, the KL of each latent group f32[B, G].
   """
+  if model.top_down:
+    if num_samples != 1:
+      raise ValueError(f"a top-down model draws one posterior sample per example, not {num_samples}")
+    t = model.apply(params, x, rng, method="terms")
+    return {"log_lik": t["log_lik"], "kl": t["kl"], "obs": t["obs"], "kl_per_dim": t["kl_groups"]}
   rng, upper_rng = model.layer_keys(rng)
   mean, log_scale = model.apply(params, x, method="encode_bottom")
   z = distributions.sample_diag_gaussian(rng, mean, log_scale, num_samples)  # [L, B, K]

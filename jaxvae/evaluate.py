@@ -44,6 +44,11 @@ def discrete_log_likelihood(kind: str, x: jax.Array, obs: dict) -> jax.Array:
   return distributions.log_likelihood(kind, x, obs)
 
 
+# The KL split by latent dim, or for a top-down model by latent group (which groups carry
+# information).
+KL_SPLIT_KEY = {False: "kl_per_dim_nats", True: "kl_per_group_nats"}
+
+
 def _eval_batch(params, x_uint8, index, batch_number, bin_key, elbo_key, *, model, binarize,
                 full, in_loop):
   """Per-example metrics of one batch: dict of f32[B] (kl_per_dim_nats f32[B, K]). `full` adds
@@ -53,9 +58,12 @@ def _eval_batch(params, x_uint8, index, batch_number, bin_key, elbo_key, *, mode
   original, x = model_inputs(x_uint8, index, bin_key, binarize)
   t = elbo_terms(params, jax.random.fold_in(elbo_key, batch_number), x, model=model)
   log_lik, kl, obs_sample = t["log_lik"], t["kl"], t["obs"]
-  obs_mean = model.apply(params, t["mean"], method="decode_bottom")
+  if model.top_down:
+    obs_mean = model.apply(params, x, method="reconstruct")
+  else:
+    obs_mean = model.apply(params, t["mean"], method="decode_bottom")
   out = {"elbo_nats": log_lik - kl, "log_lik_nats": log_lik, "kl_nats": kl,
-         "kl_per_dim_nats": t["kl_per_dim"]}
+         KL_SPLIT_KEY[model.top_down]: t["kl_per_dim"]}
   if full and model.likelihood == "gaussian":
     out["elbo_discrete_nats"] = discrete_log_likelihood(model.likelihood, x, obs_sample) - kl
   paper_window = full and min(x.shape[1:3]) >= metrics.PAPER_SSIM_WINDOW
@@ -79,7 +87,9 @@ class Evaluator:
     bits_per_dim: the ELBO in bits per dimension, for discrete likelihoods;
     kl_per_dim_nats: a list of K floats, the analytic KL of each latent dim (they sum to
       kl_nats), so metrics.jsonl follows which dims switch on during training; with two
-      layers, those of the top code given the drawn h1.
+      layers, those of the top code given the drawn h1; a top-down model's KL of each latent
+      group given the draws above it is kl_per_group_nats instead, and its "posterior mean"
+      decodes every group's posterior mean in turn.
   With `full=True` (the evaluate command) also recon_sample_ssim, elbo_discrete_nats for a
   Gaussian decoder (the same draw scored by the discretized Gaussian; its bits_per_dim comes
   from it) and recon_*_ssim_paper_window (`paper_ssim`), when images are at least 7x7.
@@ -276,6 +286,8 @@ def evaluate_run(run, iw_samples: int | None = None, name: str = "") -> dict:
     seconds[stage] = round(time.time() - t, 2)
     return out
 
+  if model.top_down:
+    return _top_down_result(run, iw_samples, mesh, timed, name, seconds)
   vae, kl, variance = _vae_metrics(run, iw_samples, mesh, timed)
   pca = timed("pca", baselines.pca_baseline, ds.train.images, ds.test.images, config.model.latent_dim,
               config.eval.batch_size)
@@ -294,6 +306,30 @@ def evaluate_run(run, iw_samples: int | None = None, name: str = "") -> dict:
   if ds.train.factors is not None:
     result["factors"] = timed("factors", factor_metrics_of_run, run, mesh)
   return result
+
+
+def _top_down_result(run, iw_samples: int, mesh, timed, name: str, seconds: dict) -> dict:
+  """evaluate_run's dict for a top-down model: the ELBO, reconstructions and the IWAE bound,
+  and the test-mean KL of each latent group. It has no single code, so no PCA of the same
+  size, active units, posterior variance or factor metrics."""
+  config, ds, model, params = run.config, run.dataset, run.model, run.params
+  vae = timed("elbo_and_recon", Evaluator(model, config, ds.test, mesh, full=True), params,
+              run.keys.eval)
+  kl_groups = vae.pop(KL_SPLIT_KEY[True])
+  iw = timed("iwae", iwae_on_split, model, params, config, ds.test, mesh, run.keys.eval,
+             iw_samples)
+  vae["iwae_nats"], vae["iwae_elbo_nats"] = iw["iwae"], iw["elbo"]
+  vae["iwae_bits_per_dim"] = float(distributions.bits_per_dim(iw["iwae"],
+                                                              int(np.prod(ds.image_shape))))
+  return {
+      "run": name, "epoch": int(run.progress["epoch"]), "step": int(run.state.step),
+      "dataset": ds.name, "num_test_images": len(ds.test.images), "image_shape": ds.image_shape,
+      "likelihood": model.likelihood, "latent_groups": model.num_groups,
+      "iw_samples": iw_samples, "vae": vae, "kl_per_group_nats": kl_groups,
+      "estimators": report.estimators(model.likelihood, config.data.binarize, ds.image_shape,
+                                      iw_samples, model.stochastic_layers, top_down=True),
+      "seconds": seconds,
+  }
 
 
 def _vae_metrics(run, iw_samples: int, mesh, timed) -> tuple[dict, np.ndarray, np.ndarray]:

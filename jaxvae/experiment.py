@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxvae import checkpoint, data, models, objectives, step
+from jaxvae import checkpoint, data, models, objectives, optim, step
 from jaxvae.errors import ConfigError
 from jaxvae.state import VAE_GROUP, Keys, TrainState
 
@@ -72,6 +72,13 @@ class Experiment:
 
     return checkpoint.Legacy(old, convert, "was written before parameter groups had names; "
                              "read its parameters and optimizer state as the group 'vae'")
+
+
+def model_params(state: TrainState):
+  """The model's parameters to evaluate, draw and sample with: the moving average of the group
+  "vae" when its optimizer keeps one (`optimizer.ema_decay`), else its parameters."""
+  ema = optim.ema_params(state.opt_state.get(VAE_GROUP))
+  return state.params[VAE_GROUP] if ema is None else ema
 
 
 def build(config: ml_collections.ConfigDict, image_shape: Sequence[int], dataset_size: int,

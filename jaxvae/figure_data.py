@@ -21,6 +21,7 @@ TRAVERSAL_DIMS = 8
 TRAVERSAL_VALUES = np.linspace(-3.0, 3.0, 9)  # in units of the prior's standard deviation
 FACTOR_TRAVERSAL_DIMS = 16  # rows of the factor traversals at most: the dims of largest KL
 FACTOR_TRAVERSAL_VALUES = np.linspace(-2.5, 2.5, 11)
+SAMPLE_TEMPERATURES = (1.0, 0.9, 0.8, 0.6)  # a top-down model's (VD-VAE shows these)
 
 
 @dataclasses.dataclass
@@ -137,6 +138,14 @@ def tensorboard_images(model, params, ds: data.Dataset, config, key) -> dict[str
                                NUM_RECONSTRUCTIONS)
   return {"test_and_reconstruction": np.concatenate([originals, recon], axis=2),
           "prior_samples": np.asarray(prior)}
+
+
+def temperature_grid(model: models.VAE, params, key: jax.Array, num: int = 10) -> np.ndarray:
+  """`num` prior samples of a top-down model at each of SAMPLE_TEMPERATURES, the same draws
+  scaled (the eval `key`): f32[T, num, H, W, C]."""
+  k = jax.random.split(batching.stream_keys(key).figures, 3)[1]
+  return np.stack([np.asarray(sample.prior_samples(model, params, k, num, t))
+                   for t in SAMPLE_TEMPERATURES])
 
 
 def spread(labels: np.ndarray, num: int) -> np.ndarray:

@@ -43,6 +43,8 @@ FIGSIZES = {  # inches (width, height)
     "latent_traversals": (10, 8.5),
     "kl_per_dim": (10, 4.5),
     "kl_per_dim_training": (10, 4.5),
+    "kl_per_group_training": (10, 4.5),  # a top-down model's (jaxvae.topdown)
+    "temperature_samples": (10, 5.5),
     "data": (10, 5.6),
     "factor_traversals": (12, 9),
     "factor_traversals_animated": (9, 6),  # a GIF, one frame per traversal value
@@ -232,32 +234,37 @@ def plot_kl_per_dim(kl: np.ndarray, variance: np.ndarray, out_dir: str, title: s
   return _save(fig, out_dir, "kl_per_dim")
 
 
-def plot_kl_per_dim_training(rows: list[dict], out_dir: str, run: str = "") -> str:
+def plot_kl_per_dim_training(rows: list[dict], out_dir: str, run: str = "",
+                             split: str = "dim") -> str:
   """The test KL of each latent dim at every evaluation, one line per dim against the step
   (metrics.jsonl's test/kl_per_dim_nats): under capacity annealing or a falling beta, dims
-  switch on one at a time. The 10 dims of largest final KL are named, the rest grey."""
-  rows = [r for r in rows if "test/kl_per_dim_nats" in r]
+  switch on one at a time. The 10 dims of largest final KL are named, the rest grey. With
+  `split="group"`, a top-down model's KL per latent group (test/kl_per_group_nats)."""
+  key, unit = f"test/kl_per_{split}_nats", "z" if split == "dim" else "group "
+  rows = [r for r in rows if key in r]
   steps = [r["step"] for r in rows]
-  kl = np.array([r["test/kl_per_dim_nats"] for r in rows])  # [T, K]
+  kl = np.array([r[key] for r in rows])  # [T, K]
   order = np.argsort(kl[-1])[::-1]
   named = 10
-  fig, ax = _figure("kl_per_dim_training")
+  fig, ax = _figure(f"kl_per_{split}_training")
   cmap = plt.get_cmap("tab10")
   for rank, d in reversed(list(enumerate(order))):  # the named dims drawn last, on top
     ax.plot(steps, kl[:, d], marker="." if len(steps) <= 30 else None, lw=1.2,
-            color=cmap(rank) if rank < named else "0.7", label=f"z{d}" if rank < named else None)
+            color=cmap(rank) if rank < named else "0.7",
+            label=f"{unit}{d}" if rank < named else None)
   if len(order) > named:
-    ax.plot([], [], color="0.7", label=f"{len(order) - named} other dims")
+    ax.plot([], [], color="0.7", label=f"{len(order) - named} other {split}s")
   handles, labels = ax.get_legend_handles_labels()
   ax.legend(handles[::-1], labels[::-1], fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5),
             title="by final KL")
   ax.set_xlabel("training step")
-  ax.set_ylabel("KL(q(z_j|x) || N(0, 1)) (nats, test mean)")
+  ax.set_ylabel("KL(q(z_j|x) || N(0, 1)) (nats, test mean)" if split == "dim" else
+                "KL(q(z_l|x, z_<l) || p(z_l|z_<l)) (nats, test mean)")
   ax.set_ylim(bottom=0)  # a dim switched off sits at 0
   ax.grid(alpha=0.3)
-  ax.set_title(_title(run, rows[-1]["epoch"], f"KL per latent dim over training, {kl.shape[1]} "
-                                              "dims"))
-  return _save(fig, out_dir, "kl_per_dim_training")
+  ax.set_title(_title(run, rows[-1]["epoch"], f"KL per latent {split} over training, "
+                                              f"{kl.shape[1]} {split}s"))
+  return _save(fig, out_dir, f"kl_per_{split}_training")
 
 
 def plot_factor_traversals(grid: np.ndarray, row_labels, values, original: np.ndarray,
@@ -483,6 +490,8 @@ def draw_training_figures(workdir, model, params, ds: data.Dataset, config, key)
   rows = read_metrics(workdir)
   run = os.path.basename(os.path.abspath(workdir))
   canvas = _Canvas(os.path.join(workdir, "figures"), run, rows[-1]["epoch"])
+  if model.top_down:
+    return _top_down_figures(rows, model, params, ds, config, key, canvas)
   scene = figure_data.scene(model, params, ds, config, key)
   paths = [plot_loss(rows, canvas.out, run), plot_ssim(rows, canvas.out, run)]
   if any("test/kl_per_dim_nats" in r for r in rows):  # not in runs logged before it existed
@@ -490,6 +499,27 @@ def draw_training_figures(workdir, model, params, ds: data.Dataset, config, key)
   paths += _encoding_figures(scene, canvas) + _walk_figures(scene, canvas)
   if ds.train.factors is not None:
     paths += _factor_figures(scene, canvas)
+  return paths
+
+
+def _top_down_figures(rows, model, params, ds, config, key, canvas: _Canvas) -> list[str]:
+  """A top-down model's figures (it has no single code to walk): the curves, the KL of each
+  latent group over training, test reconstructions and prior samples at several temperatures."""
+  out, run = canvas.out, canvas.run
+  paths = [plot_loss(rows, out, run), plot_ssim(rows, out, run),
+           plot_kl_per_dim_training(rows, out, run, split="group")]
+  images = figure_data.tensorboard_images(model, params, ds, config, key)
+  pair = images["test_and_reconstruction"]  # [N, H, 2W, C]: original | reconstruction
+  width = pair.shape[2] // 2
+  grid = np.stack([pair[:, :, :width], pair[:, :, width:]])
+  paths.append(plot_image_grid("fig17_reconstructions", grid, out,
+                               canvas.title("test images and their reconstructions"),
+                               row_labels=["original", "posterior means"]))
+  temps = figure_data.SAMPLE_TEMPERATURES
+  paths.append(plot_image_grid(
+      "temperature_samples", figure_data.temperature_grid(model, params, key), out,
+      canvas.title("prior samples (means of p(x|z)); each group's prior scale times t"),
+      row_labels=[f"t = {t}" for t in temps]))
   return paths
 
 

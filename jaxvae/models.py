@@ -288,6 +288,8 @@ class VAE(nn.Module):
   log_scale_bound: float = 7.0
   decoder_mean: str = "sigmoid"
   stochastic_layers: ClassVar[int] = 1
+  # Whether the latents are a top-down hierarchy of grids without one code (`jaxvae.topdown`).
+  top_down: ClassVar[bool] = False
 
   def networks(self) -> tuple[nn.Module, ...]:
     return (self.encoder, self.decoder)
@@ -325,7 +327,11 @@ class VAE(nn.Module):
 
   def decode(self, z):
     """z f32[B, K] -> dict of likelihood parameters, each f32[B, H, W, C] or broadcastable."""
-    out = self.decoder(z).astype(jnp.float32)
+    return self.likelihood_params(self.decoder(z))
+
+  def likelihood_params(self, out):
+    """The decoder's raw output f32[B, H, W, C * out_per_pixel] -> the likelihood's parameters."""
+    out = out.astype(jnp.float32)
     clamp = lambda v: distributions.soft_clamp(v, self.log_scale_bound)
     if self.likelihood == "bernoulli":
       return {"logits": out}
@@ -489,9 +495,10 @@ def output_bias(model_cfg, pixel_mean: np.ndarray) -> np.ndarray:
 
 
 class Parts(NamedTuple):
-  """What an architecture builder returns; the VAE adds the likelihood head."""
+  """What an architecture builder returns; the model class adds the likelihood head."""
   encoder: nn.Module  # x f32[B, H, W, C] -> (mean, raw log-scale) f32[B, K]
   decoder: nn.Module  # z f32[N, K] -> f32[N, H, W, C * out_per_pixel]
+  model: type["VAE"] = VAE  # a subclass for networks that are not one code's encoder/decoder
 
 
 # `config.model.arch` -> its builder (model_cfg, image_shape, pixel_mean, out_per_pixel) -> Parts.
@@ -580,9 +587,9 @@ def make_model(model_cfg, image_shape: Sequence[int], pixel_mean: np.ndarray | N
     upper_encoder = MLPEncoder(middle, model_cfg.latent_dim, act, dtype, kernel_init)
     upper_decoder = MLPEncoder(tuple(reversed(middle)), model_cfg.middle_dim, act, dtype,
                                kernel_init)
-    return HierarchicalVAE(*parts, *head, upper_encoder=upper_encoder,
+    return HierarchicalVAE(parts.encoder, parts.decoder, *head, upper_encoder=upper_encoder,
                            upper_decoder=upper_decoder)
-  return VAE(*parts, *head)
+  return parts.model(parts.encoder, parts.decoder, *head)
 
 
 def _check_locatello_shape(image_shape: Sequence[int]) -> None:

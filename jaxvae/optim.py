@@ -13,7 +13,9 @@ was, so each skip moves the later stage boundaries one step on.
 """
 
 import itertools
+from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -72,9 +74,42 @@ def learning_rate(opt_cfg, steps_per_epoch: int) -> float | optax.Schedule:
 
 def make_optimizer(opt_cfg, steps_per_epoch: int) -> optax.GradientTransformation:
   """Adam (b1, b2, eps) at the configured learning rate or schedule, optionally after
-  global-norm clipping. `steps_per_epoch` turns the schedule's epochs into steps."""
+  global-norm clipping, and optionally keeping an exponential moving average of the parameters
+  (`ema_decay`). `steps_per_epoch` turns the schedule's epochs into steps."""
   tx = optax.adam(learning_rate(opt_cfg, steps_per_epoch), b1=opt_cfg.b1, b2=opt_cfg.b2,
                   eps=opt_cfg.eps)
   if opt_cfg.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip_norm), tx)
+  if opt_cfg.ema_decay > 0:
+    tx = optax.chain(tx, track_ema(opt_cfg.ema_decay))
   return tx
+
+
+class EmaState(NamedTuple):
+  """The moving average of the parameters, shaped like them."""
+  params: Any
+
+
+def track_ema(decay: float) -> optax.GradientTransformation:
+  """Leaves the updates as they are and keeps ema <- decay * ema + (1 - decay) * new params
+  in its state (VD-VAE evaluates such an average, decay 0.9999). It lives in the optimizer
+  state, so it is checkpointed, restored, sharded and skipped with the rest of the group."""
+
+  def init(params):
+    return EmaState(jax.tree.map(jnp.asarray, params))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("track_ema needs the parameters: call update(updates, state, params)")
+    new = optax.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.params, new)
+    return updates, EmaState(ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state) -> Any | None:
+  """The moving average `track_ema` keeps in a group's optimizer state, or None."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, EmaState))
+           if isinstance(s, EmaState)]
+  return found[0].params if found else None

@@ -7,9 +7,9 @@ from jaxvae import disentanglement, metrics
 
 
 def estimators(likelihood: str, binarize: str, image_shape, iw_samples: int,
-               layers: int = 1) -> dict[str, str]:
+               layers: int = 1, top_down: bool = False) -> dict[str, str]:
   """What each key of eval.json's "vae" and "pca" sections estimates, and how, for a model of
-  `layers` stochastic layers."""
+  `layers` stochastic layers, or a top-down hierarchy of latent groups (`jaxvae.topdown`)."""
   model_lik = {
       "gaussian": "Gaussian density on [0,1] pixels (continuous, not a probability of 8-bit data)",
       "bernoulli": f"Bernoulli on binarized pixels (binarize={binarize})",
@@ -57,7 +57,23 @@ def estimators(likelihood: str, binarize: str, image_shape, iw_samples: int,
                            "over the test split, h1 drawn once per image")
   else:
     del out["active_units_per_layer"]
+  if top_down:
+    _top_down_estimators(out, model_lik, iw_samples)
   return out
+
+
+def _top_down_estimators(out: dict, model_lik: str, iw_samples: int) -> None:
+  """`estimators` of a top-down model, in place: its KL is a sum over groups, and it has no
+  single code (no PCA of the same size, no active units)."""
+  for key in ("active_units", "active_units_per_layer", "kl_per_dim_nats", "pca"):
+    out.pop(key, None)
+  out["elbo_nats"] = f"ELBO, one draw through every latent group per image; {model_lik}"
+  out["kl_nats"] = ("sum over groups l of KL(q(z_l|x, z_<l) || p(z_l|z_<l)), each analytic "
+                    "given that draw of the groups above")
+  out["kl_per_group_nats"] = "each group's KL in that sum, mean over the test split"
+  out["iwae_elbo_nats"] = (f"mean of the same K={iw_samples} log-weights log p(x, z) - "
+                           "log q(z|x), each a draw through every group")
+  out["recon_mean_*"] = "reconstruction decoded along every group's posterior mean in turn"
 
 
 def _cell(v) -> str:
@@ -71,6 +87,8 @@ def _cell(v) -> str:
 
 def format_table(result: dict) -> str:
   """The results table: VAE (posterior mean), VAE (posterior draw) and PCA side by side."""
+  if "kl_per_group_nats" in result:
+    return format_top_down_table(result)
   vae, pca, k = result["vae"], result["pca"], result["iw_samples"]
   sfx = "_discrete" if result["likelihood"] == "gaussian" else ""
   lik = "discretized Gaussian" if sfx else result["likelihood"]
@@ -126,6 +144,27 @@ def format_table(result: dict) -> str:
   kl = np.asarray(result["kl_per_dim_nats"])
   lines.append("KL per latent dim (nats), largest first: "
                + ", ".join(f"z{j} {kl[j]:.3g}" for j in np.argsort(kl)[::-1][:8]))
+  return "\n".join(lines)
+
+
+def format_top_down_table(result: dict) -> str:
+  """The results table of a top-down model (`jaxvae.topdown`): its bounds, reconstructions
+  and the KL of each latent group."""
+  vae, k = result["vae"], result["iw_samples"]
+  rows = [("ELBO (nats/image)", vae["elbo_nats"]), ("  E_q log p(x|z)", vae["log_lik_nats"]),
+          ("  KL, all groups", vae["kl_nats"]), ("ELBO (bits/dim)", vae.get("bits_per_dim")),
+          (f"IWAE K={k} (nats/image)", vae["iwae_nats"]),
+          (f"IWAE K={k} (bits/dim)", vae["iwae_bits_per_dim"]),
+          ("SSIM, posterior means", vae["recon_mean_ssim"]),
+          ("SSIM, posterior draw", vae["recon_sample_ssim"]),
+          ("PSNR (dB), posterior means", vae["recon_mean_psnr_db"])]
+  width = max(len(label) for label, _ in rows)
+  lines = [f"{result['run']}: {result['dataset']} test split ({result['num_test_images']} images), "
+           f"epoch {result['epoch']}, step {result['step']}, {result['likelihood']} likelihood, "
+           f"{result['latent_groups']} latent groups (top-down)"]
+  lines += [f"{label.ljust(width)}  {_cell(v)}" for label, v in rows]
+  kl = result["kl_per_group_nats"]
+  lines.append("KL per latent group, top first (nats): " + ", ".join(f"{v:.3g}" for v in kl))
   return "\n".join(lines)
 
 

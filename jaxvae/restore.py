@@ -13,7 +13,7 @@ from jaxvae import checkpoint, data, experiment, models, parallel
 from jaxvae import config as config_lib
 from jaxvae.errors import ConfigError
 from jaxvae.rundir import RunError
-from jaxvae.state import VAE_GROUP, Keys, TrainState
+from jaxvae.state import Keys, TrainState
 
 
 @dataclasses.dataclass
@@ -32,8 +32,9 @@ class TrainedRun:
 
   @property
   def params(self):
-    """The model's parameters (the group "vae")."""
-    return self.state.params[VAE_GROUP]
+    """The model's parameters (the group "vae", or their moving average when the run keeps
+    one: `experiment.model_params`)."""
+    return experiment.model_params(self.state)
 
 
 def restore_run(workdir: str, step: int | None = None) -> TrainedRun:

@@ -33,18 +33,32 @@ def decode_mean(model: models.VAE, params, z: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames="model")
 def reconstruct_mean(model: models.VAE, params, x: jax.Array) -> jax.Array:
-  """x f32[B, H, W, C] -> the mean of p(x|z) at z = the posterior mean, f32[B, H, W, C]."""
+  """x f32[B, H, W, C] -> the mean of p(x|z) at z = the posterior mean, f32[B, H, W, C] (a
+  top-down model: along every group's posterior mean in turn)."""
+  if model.top_down:
+    return distributions.likelihood_mean(model.likelihood,
+                                         model.apply(params, x, method="reconstruct"))
   mean, _ = model.apply(params, x, method="encode")
   return decode_mean(model, params, mean)
 
 
 def prior_samples(model: models.VAE, params, key: jax.Array, num: int,
                   temperature: float = 1.0) -> jax.Array:
-  """Decoded draws z ~ N(0, temperature^2 I): f32[num, H, W, C]."""
+  """Decoded draws z ~ N(0, temperature^2 I): f32[num, H, W, C]. A top-down model draws each
+  group from its prior given the groups above, its scale times `temperature`."""
   if num <= 0 or temperature < 0:
     raise ValueError(f"num={num} must be positive and temperature={temperature} non-negative")
+  if model.top_down:
+    return _top_down_samples(model, params, key, num, temperature)
   shape = (num, model.code_dim)
   return decode_mean(model, params, temperature * jax.random.normal(key, shape))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num"))
+def _top_down_samples(model: models.VAE, params, key: jax.Array, num: int,
+                      temperature: float) -> jax.Array:
+  obs = model.apply(params, key, num, temperature, method="sample")
+  return distributions.likelihood_mean(model.likelihood, obs)
 
 
 def neighbourhood(model: models.VAE, params, key: jax.Array, z: jax.Array, num: int,

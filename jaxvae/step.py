@@ -35,9 +35,11 @@ def make_train_step(objective: Objective, optimizers: dict[str, optax.GradientTr
   is checked (no pass over the gradients). A skipped step still advances `step` (so the next
   step draws a fresh key) and counts in `skips`, which a step applied to every group resets;
   metrics["skipped"] says whether any group was skipped. With "off" every update is applied
-  and the caller stops on a non-finite loss.
+  and the caller stops on a non-finite loss. With `config.optimizer.skip_grad_norm` > 0, a
+  group whose gradient norm reaches it is skipped the same way (VD-VAE's skip threshold), and
+  metrics["<group>_grad_norm"] reports the norm (before any clipping).
   """
-  check = config.optimizer.skip_nonfinite
+  check, max_norm = config.optimizer.skip_nonfinite, config.optimizer.skip_grad_norm
 
   def train_step(state: TrainState, x_uint8: jax.Array, key: jax.Array):
     bin_key, z_key = jax.random.split(key)
@@ -54,6 +56,10 @@ def make_train_step(objective: Objective, optimizers: dict[str, optax.GradientTr
         params[name], opt_state[name] = new_params, new_opt
         continue
       ok = _finite(losses[name], grads[name], check)
+      if max_norm:
+        norm = optax.tree.norm(grads[name])
+        ok &= norm < max_norm
+        metrics = dict(metrics, **{f"{name}_grad_norm": norm})
       keep = lambda new, old, ok=ok: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
       params[name] = keep(new_params, state.params[name])
       opt_state[name] = keep(new_opt, state.opt_state[name])

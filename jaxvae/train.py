@@ -25,7 +25,7 @@ import tqdm
 from jaxvae import checkpoint, data, evaluate, experiment, figure_data, loops, optim
 from jaxvae import parallel, rundir
 from jaxvae import config as config_lib
-from jaxvae.state import VAE_GROUP, Keys, TrainState
+from jaxvae.state import Keys, TrainState
 
 # What a chunk counts beside the metrics' sums; every other key a step's metrics hold (but
 # `skipped` and `skips`) is a metric, averaged over the applied steps into each metrics row.
@@ -212,13 +212,16 @@ def _add_chunk(sums: dict, chunk_sums) -> dict:
 def _chunk_error(seen: dict, config, epoch: int, last_good_step) -> str | None:
   """Why the run must stop after a chunk, if it must: too many skipped steps in a row,
   non-finite parameters, or, with skipping off, any non-finite loss."""
-  limit = config.optimizer.max_consecutive_skips
+  limit, max_norm = config.optimizer.max_consecutive_skips, config.optimizer.skip_grad_norm
   if seen["max_skips"] >= limit:
+    norm = (f", or a gradient norm at least config.optimizer.skip_grad_norm={max_norm}"
+            if max_norm else "")
     return (f"{seen['max_skips']} training steps in a row (in epoch {epoch + 1}) had a "
-            "non-finite loss or gradients; their updates were skipped and the run stopped "
+            f"non-finite loss or gradients{norm}; their updates were skipped and the run stopped "
             f"(config.optimizer.max_consecutive_skips={limit}). The last good checkpoint, step "
             f"{last_good_step}, is intact, but resuming replays the same steps; start over in a "
-            "new --workdir with a lower optimizer.learning_rate or an optimizer.grad_clip_norm")
+            "new --workdir with a lower optimizer.learning_rate or an optimizer.grad_clip_norm"
+            + (" or a higher skip_grad_norm" if max_norm else ""))
   if config.optimizer.skip_nonfinite == "off" and seen["nonfinite_loss_steps"]:
     return (f"the training loss became non-finite in epoch {epoch + 1} with "
             "config.optimizer.skip_nonfinite='off', so the parameters may be too; the run "
@@ -473,7 +476,7 @@ def _end_period(training: _Training, state: TrainState, keys: Keys, sums: dict, 
   row["train/seconds"] = seconds
   row["train/images_per_s"] = steps_run * config.batch_size / seconds
   t0 = time.time()
-  row.update({f"test/{k}": v for k, v in evaluator(state.params[VAE_GROUP], keys.eval).items()})
+  row.update({f"test/{k}": v for k, v in evaluator(experiment.model_params(state), keys.eval).items()})
   row["test/seconds"] = time.time() - t0
   training.log.write(row)  # before the checkpoint: a kill in between replays the period
   print(_summary(row), flush=True)
@@ -484,7 +487,7 @@ def _end_period(training: _Training, state: TrainState, keys: Keys, sums: dict, 
                     training.progress(step, {}), {checkpoint.BEST_METRIC: row[checkpoint.BEST_METRIC]})
   if parallel.is_primary():
     # Local copies: computing on the global arrays would need every process to join in.
-    params = parallel.local_copy(state.params[VAE_GROUP])
+    params = parallel.local_copy(experiment.model_params(state))
     key = parallel.local_copy(keys.eval)
     if config.log.figures and (last or (config.figures_every
                                         and evaluation % config.figures_every == 0)):

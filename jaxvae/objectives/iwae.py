@@ -73,14 +73,13 @@ def iwae_bound(params, rng: jax.Array, x: jax.Array, *, model: VAE, num_samples:
   """
   chunk = min(chunk_size or num_samples, num_samples)
   num_chunks = -(-num_samples // chunk)
-  mean, log_scale = model.apply(params, x, method="encode_bottom")
+  draw_log_weights = _top_down_draws if model.top_down else _draws
+  posterior = None if model.top_down else model.apply(params, x, method="encode_bottom")
 
   def body(carry, i):
     lse, total = carry
-    key, upper_rng = model.layer_keys(jax.random.fold_in(rng, i))
-    z = distributions.sample_diag_gaussian(key, mean, log_scale, chunk)
-    log_w, _ = log_weights(params, x, z, mean, log_scale, model=model, log_lik_fn=log_lik_fn,
-                           upper_rng=upper_rng)  # [chunk, B]
+    log_w = draw_log_weights(params, jax.random.fold_in(rng, i), x, posterior, chunk,
+                             model=model, log_lik_fn=log_lik_fn)  # [chunk, B]
     # The last chunk may overrun K; its extra draws count for nothing.
     real = (i * chunk + jnp.arange(chunk) < num_samples)[:, None]
     lse = jnp.logaddexp(lse, jax.nn.logsumexp(jnp.where(real, log_w, -jnp.inf), axis=0))
@@ -89,6 +88,23 @@ def iwae_bound(params, rng: jax.Array, x: jax.Array, *, model: VAE, num_samples:
   init = (jnp.full(x.shape[:1], -jnp.inf, jnp.float32), jnp.zeros(x.shape[:1], jnp.float32))
   (lse, total), _ = jax.lax.scan(body, init, jnp.arange(num_chunks), unroll=unroll)
   return {"iwae": lse - math.log(num_samples), "elbo": total / num_samples}
+
+
+def _draws(params, key, x, posterior, chunk: int, *, model: VAE, log_lik_fn):
+  """`log_weights` of `chunk` draws from q(z|x) = N(*posterior): f32[chunk, B]."""
+  key, upper_rng = model.layer_keys(key)
+  z = distributions.sample_diag_gaussian(key, *posterior, chunk)
+  return log_weights(params, x, z, *posterior, model=model, log_lik_fn=log_lik_fn,
+                     upper_rng=upper_rng)[0]
+
+
+def _top_down_draws(params, key, x, posterior, chunk: int, *, model: VAE, log_lik_fn):
+  """A top-down model's log-weights (`topdown.TopDownVAE.log_weight`) of `chunk` draws per
+  example, each through every latent group: f32[chunk, B]. The model's own likelihood scores
+  them (a discrete one, which `log_lik_fn` would give too)."""
+  del posterior, log_lik_fn
+  x_rep = jnp.broadcast_to(x, (chunk,) + x.shape).reshape((-1,) + x.shape[1:])
+  return model.apply(params, x_rep, key, method="log_weight").reshape(chunk, x.shape[0])
 
 
 class IWAE(base.Objective):
