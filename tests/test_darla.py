@@ -176,3 +176,20 @@ def test_the_darla_config_variants():
   assert sprites_darla.get_config("beta_vae_dae").objective.dae_layer == "Dense_1"
   with pytest.raises(ValueError, match="choose one of"):
     sprites_darla.get_config("darla")
+
+
+def test_a_conv_dae_serves_an_mlp_vae(tmp_path):
+  """The DAE is rebuilt from its own run's config: a conv DAE, J at a conv layer, for an MLP."""
+  config = tiny_sprites_config(num_steps=2)
+  config.objective.kind, config.model.arch = "dae", "conv"
+  config.model.conv_channels, config.model.hidden = (4, 8), (16,)
+  config.eval.every_steps, config.log.figures = 2, False
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  exp = experiment.build(_dae_config(str(tmp_path), "Conv_0"), (64, 64, 1), 1000)
+  assert "Conv_0" in darla.encoder_layers(exp.objective.dae.model, (64, 64, 1))
+  state = exp.init_state(state_lib.Keys.from_seed(0).init)
+  x = jnp.zeros((2, 64, 64, 1), jnp.float32)
+  features = exp.objective.dae.features(state.params["dae"], x)
+  assert features.shape == (2, 32 * 32 * 4)  # stride 2, 4 channels: overcomplete for 4,096 pixels
+  _, metrics = exp.train_step()(state, np.zeros((2, 64, 64, 1), np.uint8), jax.random.key(0))
+  assert np.isfinite(float(metrics["dae_feature_sqerr"]))
