@@ -274,3 +274,28 @@ def restore_latest(manager: ocp.CheckpointManager, template, sharding=None,
                           "the directory away to start over, or restore it from a backup")
   return None
 
+
+
+def read_group(workdir: str, group: str):
+  """The parameters of one group (as numpy arrays, nested dicts) in WORKDIR's latest checkpoint,
+  read without a template: for a run that uses another run's trained network (objectives/darla.py).
+  Raises CheckpointError when there is none."""
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  registry = ocp.handlers.create_default_handler_registry(arrays=ocp.StandardCheckpointHandler())
+  try:
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                    options=options, handler_registry=registry)
+  except OSError as e:
+    raise _unreadable(os.path.join(workdir, "checkpoints"), e) from None
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise CheckpointError(f"{workdir}/checkpoints holds no checkpoint; train that run first")
+    out = manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))
+  finally:
+    manager.close()
+  params = out["arrays"]["state"]["params"]
+  if group not in params:
+    raise CheckpointError(f"{workdir}/checkpoints/{step} holds the groups {sorted(params)}, not "
+                          f"{group!r}")
+  return jax.tree.map(np.asarray, params[group])

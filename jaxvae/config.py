@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.binarize = "none"         # none | threshold | dynamic (Bernoulli draw per batch)
   c.data.sprites_subsample = 0     # sprites: train on a fixed random n of the 737,280-image
                                    # grid (test: min(10,000, n) images); 0: the whole grid
+  c.data.sprites_domain = "source"  # sprites: how they are drawn (jaxvae/sprites.py DOMAINS);
+                                   # models train on "source" (white on black), the others
+                                   # are for transfer tests (evaluate --transfer)
 
   c.model = _model_config()
   c.objective = objectives.default_config()
@@ -172,6 +175,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if not 0 <= c.data.sprites_subsample <= sprites.NUM_IMAGES:
     raise ConfigError(f"config.data.sprites_subsample={c.data.sprites_subsample} must be in "
                       f"[0, {sprites.NUM_IMAGES}] (0: the whole grid)")
+  _choice(c.data.sprites_domain, sprites.DOMAINS, "data.sprites_domain")
+  if c.data.sprites_domain != "source":
+    raise ConfigError(f"config.data.sprites_domain={c.data.sprites_domain!r}: models train on the "
+                      "binary 'source' sprites; the other domains are for transfer tests "
+                      "(python -m jaxvae.evaluate --transfer), so set it to 'source'")
   if c.data.source == "sprites" and c.model.likelihood != "bernoulli":
     raise ConfigError(f"config.model.likelihood={c.model.likelihood!r} does not fit "
                       "data.source='sprites', whose images are binary; set it to 'bernoulli'")

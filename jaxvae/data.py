@@ -231,13 +231,14 @@ def _stack_uint8(images: list, source: str) -> np.ndarray:
 
 @register_source("sprites")
 def _load_sprites_source(data_cfg) -> Dataset:
-  return _load_sprites(data_cfg.sprites_subsample, data_cfg.cache_dir)
+  return _load_sprites(data_cfg.sprites_subsample, data_cfg.cache_dir, data_cfg.sprites_domain)
 
 
-def _load_sprites(subsample: int, cache_dir: str) -> Dataset:
-  """The generated dSprites grid; labels are the shape index, class names the shapes."""
+def _load_sprites(subsample: int, cache_dir: str, domain: str = "source") -> Dataset:
+  """The generated dSprites grid in `domain` (`sprites.restyle`); labels are the shape index,
+  class names the shapes."""
   cache = Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
-  train, test = sprites.load(subsample, cache)
+  train, test = sprites.load(subsample, cache, domain)
   split = lambda images, factors: Split(images, factors[:, 0].copy(), factors)
   return Dataset(split(*train), split(*test), sprites.SHAPES, "sprites", sprites.FACTOR_NAMES,
                  sprites.FACTOR_SIZES)

@@ -146,6 +146,46 @@ def _specificity(importance: np.ndarray) -> float:
   return float(np.sum(per_row * totals / totals.sum()))
 
 
+def _forest(seed: int):
+  """DCI's classifier, unfitted: see `dci`."""
+  from sklearn import ensemble  # here: a second to import, and only factor datasets need it
+  return ensemble.RandomForestClassifier(n_estimators=DCI_TREES, max_features=None,
+                                         min_samples_leaf=DCI_MIN_LEAF, random_state=seed)
+
+
+def _linear():
+  """The linear factor predictor, unfitted: multinomial logistic regression (L2, C = 1) on
+  codes standardized with the training codes' mean and deviation."""
+  from sklearn import linear_model, pipeline, preprocessing
+  return pipeline.make_pipeline(preprocessing.StandardScaler(),
+                                linear_model.LogisticRegression(max_iter=1000))
+
+
+PREDICTORS = {"forest": _forest, "linear": lambda seed: _linear()}
+
+
+def transfer(train_codes: np.ndarray, train_factors: np.ndarray,
+             test_codes: dict[str, np.ndarray], test_factors: np.ndarray, *, seed: int
+             ) -> dict[str, dict[str, np.ndarray]]:
+  """Factor predictors trained on one domain's codes, scored on other domains' codes of the
+  same images, without retraining (DARLA's zero-shot transfer, Higgins et al. 2017).
+
+  train_codes f[N, K] with train_factors int[N, F]: one classifier per factor and predictor in
+  `PREDICTORS` (DCI's forest, seeded with `seed`, and `_linear`). test_codes: {domain: f[M, K]},
+  codes of the M images test_factors int[M, F] label, drawn in each domain. Returns {predictor:
+  {domain: accuracy f64[F] per factor}}.
+  """
+  train_codes, train_factors = _check(train_codes, train_factors)
+  tests = {d: _check(c, test_factors)[0] for d, c in test_codes.items()}
+  test_factors = np.asarray(test_factors)
+  out = {}
+  for name, make in PREDICTORS.items():
+    fitted = [make(seed).fit(train_codes, y) for y in train_factors.T]
+    out[name] = {d: np.array([np.mean(f.predict(c) == y) for f, y in zip(fitted, test_factors.T)])
+                 for d, c in tests.items()}
+  return out
+
+
 def dci(train_codes: np.ndarray, train_factors: np.ndarray, test_codes: np.ndarray,
         test_factors: np.ndarray, *, seed: int) -> DCI:
   """DCI (Eastwood & Williams 2018) of codes f[N, K] against factors int[N, F], trained on the
@@ -170,12 +210,9 @@ def dci(train_codes: np.ndarray, train_factors: np.ndarray, test_codes: np.ndarr
     raise ValueError(f"train has {train_codes.shape[1]} latents and {train_factors.shape[1]} "
                      f"factors but test has {test_codes.shape[1]} and {test_factors.shape[1]}; "
                      "split one set of codes and labels")
-  from sklearn import ensemble  # here: a second to import, and only factor datasets need it
   importance, acc_train, acc_test = [], [], []
   for y_train, y_test in zip(train_factors.T, test_factors.T):
-    forest = ensemble.RandomForestClassifier(
-        n_estimators=DCI_TREES, max_features=None, min_samples_leaf=DCI_MIN_LEAF,
-        random_state=seed).fit(train_codes, y_train)
+    forest = _forest(seed).fit(train_codes, y_train)
     importance.append(forest.feature_importances_)
     acc_train.append(np.mean(forest.predict(train_codes) == y_train))
     acc_test.append(np.mean(forest.predict(test_codes) == y_test))

@@ -16,6 +16,7 @@ Every number is a mean over the real (unpadded) test images, and a function of t
 key only (`jaxvae.batching`). `jaxvae.report.estimators` says which estimator each key is.
 """
 
+import copy
 import functools
 import json
 import os
@@ -261,6 +262,72 @@ def factor_metrics_of_run(run, mesh) -> dict:
   return out
 
 
+def domain_dataset(run, domain: str) -> data.Dataset:
+  """The run's dataset drawn in another sprites `domain` (`sprites.restyle`): the same images,
+  order and factor labels."""
+  if run.config.data.source != "sprites":
+    raise ValueError(f"domains are drawn for data.source='sprites' only, not "
+                     f"{run.config.data.source!r}")
+  if domain == run.config.data.sprites_domain:
+    return run.dataset
+  data_cfg = copy.deepcopy(run.config.data)
+  data_cfg.sprites_domain = domain
+  return data.load(data_cfg)
+
+
+def transfer_of_run(run, domains, mesh) -> dict:
+  """Zero-shot transfer of a restored run's codes from its training domain to other sprites
+  `domains` (DARLA, Higgins et al. 2017), as a JSON-friendly dict.
+
+  The posterior means of the same images as `factor_metrics_of_run` (its rows, FACTOR_SEED) are
+  taken in every domain; factor predictors (`disentanglement.transfer`: DCI's forest and a
+  linear one) are trained on the source domain's codes of its num_points rows and score each
+  domain's codes of the other num_test rows; MIG is each domain's own (num_points rows).
+  """
+  source = run.config.data.sprites_domain
+  codes = {}
+  for domain in (source, *[d for d in domains if d != source]):
+    split = domain_dataset(run, domain).train
+    codes[domain], factors = factor_codes(run.model, run.params, run.config, split,
+                                          run.keys.eval, mesh)
+  num_points, num_test = factor_sample_sizes(len(run.dataset.train.images))
+  train, test = disentanglement.protocol_rows(len(factors), FACTOR_SEED, num_points, num_test)
+  accuracy = disentanglement.transfer(codes[source][train], factors[train],
+                                      {d: c[test] for d, c in codes.items()}, factors[test],
+                                      seed=FACTOR_SEED)
+  names = list(run.dataset.factor_names)
+  out = {"source": source, "domains": list(codes), "factor_names": names,
+         "num_train": num_points, "num_test": num_test,
+         "mig": {d: disentanglement.mig(c[train], factors[train]).score for d, c in codes.items()},
+         "accuracy": {p: {d: {"mean": float(a.mean()), "per_factor": dict(zip(names, a.tolist()))}
+                          for d, a in by_domain.items()} for p, by_domain in accuracy.items()},
+         "chance": dict(zip(names, (1 / size for size in run.dataset.factor_sizes)))}
+  out["estimators"] = (
+      f"posterior means of {num_points + num_test} train-split images (seed {FACTOR_SEED}) drawn "
+      f"in each domain; per factor a predictor trained on the {source!r} codes of {num_points} "
+      f"of them scores the codes of the other {num_test} in each domain (forest: DCI's "
+      f"RandomForestClassifier; linear: standardized logistic regression); accuracy 'mean' is "
+      "over factors; mig: each domain's own MIG on the training rows; chance: 1 / classes")
+  return out
+
+
+def transfer_markdown(results: dict[str, dict]) -> str:
+  """A markdown table of `transfer_of_run` results by run name: per run and predictor, the mean
+  factor accuracy per domain and its drop from the source's, then MIG per domain."""
+  first = next(iter(results.values()))
+  domains, source = first["domains"], first["source"]
+  lines = ["| run | predictor | " + " | ".join(domains) + " | largest drop (points) |",
+           "|---|---|" + "---|" * (len(domains) + 1)]
+  for name, r in results.items():
+    for predictor, by_domain in r["accuracy"].items():
+      acc = [100 * by_domain[d]["mean"] for d in domains]
+      drop = max(acc[domains.index(source)] - a for a in acc)
+      lines.append(f"| {name} | {predictor} accuracy (%) | "
+                   + " | ".join(f"{a:.1f}" for a in acc) + f" | {drop:.1f} |")
+    lines.append(f"| {name} | MIG | " + " | ".join(f"{r['mig'][d]:.3f}" for d in domains) + " | |")
+  return "\n".join(lines) + "\n"
+
+
 def check_iw_samples(iw_samples: int) -> None:
   if iw_samples <= 0:
     raise restore.RunError(f"--iw_samples={iw_samples} must be a positive number of importance "
@@ -367,6 +434,9 @@ def main(argv):
   if flags.FLAGS.fid:
     fid.check_num_samples(flags.FLAGS.fid)
   run = restore.restore_for_command(argv, workdir)
+  if flags.FLAGS.transfer:
+    write_transfer(run, flags.FLAGS.transfer, workdir)
+    return
   result = evaluate_run(run, flags.FLAGS.iw_samples, os.path.basename(os.path.abspath(workdir)))
   if flags.FLAGS.fid:
     result["fid"] = fid.fid_of_run(run, flags.FLAGS.fid)
@@ -379,11 +449,26 @@ def main(argv):
   print(f"wrote {path}")
 
 
+def write_transfer(run, domains, workdir: str) -> None:
+  """`transfer_of_run` to WORKDIR/transfer.json and transfer.md, and the table printed."""
+  result = transfer_of_run(run, domains, parallel.make_mesh())
+  name = os.path.basename(os.path.abspath(workdir))
+  with open(os.path.join(workdir, "transfer.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  table = transfer_markdown({name: result})
+  with open(os.path.join(workdir, "transfer.md"), "w") as f:
+    f.write(table)
+  print(table + f"wrote {workdir}/transfer.json and transfer.md")
+
+
 if __name__ == "__main__":  # flags defined only here: train.py, which imports this, has --workdir
   flags.DEFINE_string("workdir", None, "A training run's --workdir (config.json, checkpoints/).")
   flags.DEFINE_integer("iw_samples", None, "K, importance samples per image for the IWAE bound "
                        "(default config.eval.iw_samples).")
   flags.DEFINE_integer("fid", 0, "N > 0: FID and KID of N prior samples and of N test "
                        "reconstructions against the training split (jaxvae/fid.py, docs/fid.md).")
+  flags.DEFINE_list("transfer", None, "Sprites domains (jaxvae/sprites.py DOMAINS, e.g. "
+                    "dim,grey,noise,stripes): instead of the metrics, score zero-shot transfer "
+                    "of factor predictors from the run's domain to these (transfer.json, .md).")
   flags.mark_flags_as_required(["workdir"])
   app.run(restore.exit_on_user_error(main))

@@ -22,6 +22,7 @@ TRAVERSAL_VALUES = np.linspace(-3.0, 3.0, 9)  # in units of the prior's standard
 FACTOR_TRAVERSAL_DIMS = 16  # rows of the factor traversals at most: the dims of largest KL
 FACTOR_TRAVERSAL_VALUES = np.linspace(-2.5, 2.5, 11)
 SAMPLE_TEMPERATURES = (1.0, 0.9, 0.8, 0.6)  # a top-down model's (VD-VAE shows these)
+DOMAIN_TRAVERSAL_DIMS, DOMAIN_TRAVERSAL_VALUES = 6, np.linspace(-2.0, 2.0, 5)
 
 
 @dataclasses.dataclass
@@ -181,3 +182,23 @@ def side_by_side(runs, num: int = NUM_RECONSTRUCTIONS) -> tuple[np.ndarray, dict
   recons = {n: np.asarray(sample.reconstruct_mean(r.model, r.params, x)) for n, r in runs.items()}
   samples = {n: np.asarray(sample.decode_mean(r.model, r.params, z)) for n, r in runs.items()}
   return np.asarray(originals), recons, samples
+
+
+def domain_traversals(run, domains) -> tuple[dict, dict, np.ndarray]:
+  """What `figures.plot_domain_traversals` shows of a restored sprites run: one test image drawn
+  in each of `domains` (`evaluate.domain_dataset`) and, per domain, the run's
+  DOMAIN_TRAVERSAL_DIMS latent dims of largest KL (on its own domain's test split) moved through
+  DOMAIN_TRAVERSAL_VALUES around that drawing's posterior mean: ({domain: f32[D, V, H, W, C]},
+  {domain: the image f32[H, W, C]}, the dims int[D])."""
+  s = scene(run.model, run.params, run.dataset, run.config, run.keys.eval)
+  dims, centre = largest_kl_dims(s, DOMAIN_TRAVERSAL_DIMS), s.shown[0]
+  grids, images = {}, {}
+  for domain in domains:
+    image = evaluate.domain_dataset(run, domain).test.images[centre]
+    _, x = batching.model_inputs(image[None], np.zeros(1, np.int32), s.streams.binarize,
+                                 run.config.data.binarize)
+    mean = np.asarray(run.model.apply(run.params, x, method="encode")[0])[0]
+    grids[domain] = s.decode(sample.traversal(mean, [int(d) for d in dims],
+                                              DOMAIN_TRAVERSAL_VALUES))
+    images[domain] = np.asarray(x[0])
+  return grids, images, dims

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from jaxvae import baselines, data, figure_data, metrics, restore  # noqa: E402
+from jaxvae import baselines, data, evaluate, figure_data, metrics, restore  # noqa: E402
 
 DPI = 100
 FIGSIZES = {  # inches (width, height)
@@ -51,10 +51,12 @@ FIGSIZES = {  # inches (width, height)
     "sweep": (13, 5),
     "compare_training": (20, 4.5),
     "compare_images": (12, 8),
+    "transfer": (12, 4.5),
+    "domain_traversals": (16, 4.2),
 }
 FACTOR_FIGURES = ("factor_traversals", "factor_traversals_animated")  # data with factor labels
 # Drawn from several runs (--sweep, --compare), never by one run.
-SWEEP_FIGURES = ("sweep", "compare_training", "compare_images")
+SWEEP_FIGURES = ("sweep", "compare_training", "compare_images", "transfer", "domain_traversals")
 GIF_FRAME_MS = 250
 
 
@@ -455,6 +457,65 @@ def draw_comparison(workdirs, out_dir: str) -> list[str]:
           plot_compare_images(originals, recons, samples, out_dir)]
 
 
+def plot_transfer(results: dict[str, dict], out_dir: str, predictor: str = "forest") -> str:
+  """OUT/transfer.png: per run (`evaluate.transfer_of_run` results by name), the mean factor
+  accuracy of `predictor` in each domain (trained on the source domain's codes), and MIG."""
+  fig, (ax, ax_mig) = _figure("transfer", ncols=2)
+  domains = next(iter(results.values()))["domains"]
+  width = 0.8 / len(results)
+  for i, (name, r) in enumerate(results.items()):
+    at = np.arange(len(domains)) + i * width
+    ax.bar(at, [100 * r["accuracy"][predictor][d]["mean"] for d in domains], width, label=name)
+    ax_mig.bar(at, [r["mig"][d] for d in domains], width, label=name)
+  for a, ylabel in ((ax, f"mean factor accuracy, {predictor} (%)"), (ax_mig, "MIG")):
+    a.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains)
+    a.set_ylabel(ylabel)
+    a.legend(fontsize=8)
+  ax.set_title(f"predictors trained on {next(iter(results.values()))['source']!r} codes")
+  ax_mig.set_title("MIG of each domain's codes")
+  fig.suptitle("zero-shot transfer to target domains (no retraining)")
+  return _save(fig, out_dir, "transfer")
+
+
+def plot_domain_traversals(grids: dict, images: dict, dims, out_dir: str, run: str) -> str:
+  """OUT/domain_traversals_RUN.png: per domain, one image (first column) and the traversals of
+  the same latent dims around its code (`figure_data.domain_traversals`)."""
+  fig, axes = plt.subplots(1, len(grids), figsize=FIGSIZES["domain_traversals"],
+                           layout="constrained", squeeze=False)
+  values = figure_data.DOMAIN_TRAVERSAL_VALUES
+  for ax, (domain, grid) in zip(axes[0], grids.items()):
+    first = np.broadcast_to(images[domain], (len(grid), 1) + images[domain].shape)
+    _show_grid(ax, np.concatenate([first, grid], axis=1), [f"z{d}" for d in dims],
+               ["image"] + [f"{v:+.0f}" for v in values])
+    ax.set_title(domain)
+  fig.suptitle(f"{run}: traversals of its {len(dims)} dims of largest KL around one test image "
+               "drawn in each domain")
+  return _save(fig, out_dir, f"domain_traversals_{run}")
+
+
+def draw_transfer(workdirs, out_dir: str) -> list[str]:
+  """The transfer table (OUT/transfer.md, .json, .png, from each run's transfer.json, written by
+  `python -m jaxvae.evaluate --transfer`), each run's domain traversals, and the runs'
+  reconstructions side by side (`plot_compare_images`)."""
+  names = [os.path.basename(os.path.abspath(w)) for w in workdirs]
+  results = {}
+  for name, workdir in zip(names, workdirs):
+    with open(os.path.join(workdir, "transfer.json")) as f:
+      results[name] = json.load(f)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "transfer.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  with open(os.path.join(out_dir, "transfer.md"), "w") as f:
+    f.write(evaluate.transfer_markdown(results))
+  paths = [os.path.join(out_dir, "transfer.md"), plot_transfer(results, out_dir)]
+  runs = {n: restore.restore_run(w) for n, w in zip(names, workdirs)}
+  for name, run in runs.items():
+    grids, images, dims = figure_data.domain_traversals(run, results[name]["domains"])
+    paths.append(plot_domain_traversals(grids, images, dims, out_dir, name))
+  originals, recons, samples = figure_data.side_by_side(runs)
+  return paths + [plot_compare_images(originals, recons, samples, out_dir)]
+
+
 def plot_data_preview(ds: data.Dataset, out_dir: str, rows: int = 4, cols: int = 8) -> str:
   """Paper Figure 14: the first training images of each class in turn, labelled (figures/data.png)."""
   shown = figure_data.spread(ds.train.labels, rows * cols)
@@ -600,6 +661,12 @@ def main(argv):
     for path in draw_comparison(flags.FLAGS.compare, out):
       print(f"wrote {path}")
     return
+  if flags.FLAGS.transfer:
+    if not out:
+      raise app.UsageError("--transfer needs --out, the folder to write the table and figures into")
+    for path in draw_transfer(flags.FLAGS.transfer, out):
+      print(f"wrote {path}")
+    return
   if sweep:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -622,6 +689,10 @@ if __name__ == "__main__":  # flags defined only here: train.py, which imports t
                     "(config.json, and eval.json or metrics.jsonl, each).")
   flags.DEFINE_list("compare", None, "Run workdirs of one dataset, comma-separated, to draw "
                     "side by side (compare_training.png, compare_images.png).")
-  flags.DEFINE_string("out", None, "With --sweep or --compare: the folder for the figures.")
-  flags.mark_flags_as_mutual_exclusive(["workdir", "sweep", "compare"], required=True)
+  flags.DEFINE_list("transfer", None, "Sprites run workdirs, comma-separated, each evaluated "
+                    "with `python -m jaxvae.evaluate --transfer`: the transfer table "
+                    "(transfer.md, .json, .png), traversals per domain, reconstructions.")
+  flags.DEFINE_string("out", None, "With --sweep, --compare or --transfer: the folder for the "
+                      "figures.")
+  flags.mark_flags_as_mutual_exclusive(["workdir", "sweep", "compare", "transfer"], required=True)
   app.run(restore.exit_on_user_error(main))

@@ -31,6 +31,13 @@ orientations 0..9, since the supersampling grid is symmetric under quarter turns
 integer-pixel translation of the canvas, so every image is exactly its mask, moved. Images are
 uint8 0/255 [N, 64, 64, 1]; the full grid (3 GB) is cached as packed bits (377 MB) under the
 cache folder, in a file whose name fingerprints GENERATOR_VERSION and the geometry.
+
+Domains (`restyle`, `data.sprites_domain`): the same sprites and factor labels drawn another way,
+for transfer tests (DARLA, Higgins et al. 2017). "source" is the images above; the target domains
+change appearance only, each a function of the grid index alone (so a subset's images are those of
+the full grid): "dim" draws the sprite at 128 instead of 255; "grey" puts it on a background of 96;
+"noise" on a background of uniform noise in [0, 128] (one of 256 fixed noise fields, picked per grid
+index by a fixed random table); "stripes" on diagonal stripes of 96, 4 pixels wide.
 """
 
 import functools
@@ -56,6 +63,9 @@ FACTOR_SIZES = (3, 6, 40, 32, 32)
 NUM_IMAGES = int(np.prod(FACTOR_SIZES))  # 737,280
 SCALES = np.linspace(0.5, 1.0, FACTOR_SIZES[1])
 ORIENTATIONS = 2 * np.pi * np.arange(FACTOR_SIZES[2]) / FACTOR_SIZES[2]
+DOMAINS = ("source", "dim", "grey", "noise", "stripes")
+DOMAIN_SEED = 2        # the noise fields and which image gets which
+NOISE_FIELDS, NOISE_MAX = 256, 128
 TEST_SIZE = 10_000
 _TRAIN_SEED, _TEST_SEED = 0, 1
 
@@ -178,11 +188,57 @@ def cached(path: Path, make: Callable[[], np.ndarray]) -> np.ndarray:
   return images
 
 
-def load(subsample: int, cache_dir: Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-  """((train images, factors), (test images, factors)) as in `split_indices`; images uint8[N, 64,
-  64, 1], factors int32[N, 5]. Only the full grid is cached (a subset renders in moments)."""
+def load(subsample: int, cache_dir: Path, domain: str = "source"
+         ) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+  """((train images, factors), (test images, factors)) as in `split_indices`, drawn in `domain`
+  (`restyle`); images uint8[N, 64, 64, 1], factors int32[N, 5]. Only the full grid is cached, in
+  the source domain (a subset renders in moments)."""
   train, test = split_indices(subsample)
   if subsample:
-    return (render(train), factors(train)), (render(test), factors(test))
-  images = cached(cache_file(cache_dir), lambda: render(train))
-  return (images, factors(train)), (images[test], factors(test))
+    train_images, test_images = render(train), render(test)
+  else:
+    train_images = cached(cache_file(cache_dir), lambda: render(train))
+    test_images = train_images[test]
+  return ((restyle(train_images, train, domain), factors(train)),
+          (restyle(test_images, test, domain), factors(test)))
+
+
+@functools.cache
+def _noise() -> tuple[np.ndarray, np.ndarray]:
+  """The "noise" domain's fields uint8[NOISE_FIELDS, 64, 64] and each grid index's field
+  int[NUM_IMAGES]: drawn once, read-only."""
+  rng = np.random.default_rng(DOMAIN_SEED)
+  fields = rng.integers(0, NOISE_MAX + 1, (NOISE_FIELDS, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+  which = rng.integers(0, NOISE_FIELDS, NUM_IMAGES)
+  fields.flags.writeable = which.flags.writeable = False
+  return fields, which
+
+
+def _background(domain: str, indices: np.ndarray) -> np.ndarray:
+  """The background of `domain` behind the grid images at `indices`: uint8[N, 64, 64] (or one
+  [64, 64] that broadcasts)."""
+  if domain == "grey":
+    return np.full((IMAGE_SIZE, IMAGE_SIZE), 96, np.uint8)
+  if domain == "stripes":
+    rows, cols = np.indices((IMAGE_SIZE, IMAGE_SIZE))
+    return (((rows + cols) // 4) % 2 * 96).astype(np.uint8)
+  if domain == "noise":
+    fields, which = _noise()
+    return fields[which[indices]]
+  return np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+
+
+def restyle(images: np.ndarray, indices: np.ndarray, domain: str, chunk: int = 65_536
+            ) -> np.ndarray:
+  """The grid images at `indices` (uint8[N, 64, 64, 1] of 0 and 255, as `render` gives them)
+  drawn in `domain` (one of DOMAINS), in place and returned: the sprite's pixels at the domain's
+  level (255, or 128 for "dim"), the others its background. Factors are untouched."""
+  if domain not in DOMAINS:
+    raise ValueError(f"sprites domain {domain!r} is not one of {DOMAINS}")
+  if domain == "source":
+    return images
+  level = np.uint8(128 if domain == "dim" else 255)
+  for start in range(0, len(images), chunk):  # in chunks: the full grid is 3 GB
+    block = images[start:start + chunk, ..., 0]
+    block[...] = np.where(block > 0, level, _background(domain, indices[start:start + chunk]))
+  return images

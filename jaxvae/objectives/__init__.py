@@ -4,6 +4,8 @@
     capacity    -E[log p(x|z)] + gamma(step) |KL - C(step)|                     (Burgess 2018)
     beta_tcvae  -E[log p(x|z)] + alpha MI + beta TC + gamma DWKL, MWS estimates (Chen 2018)
     iwae        -(logsumexp_k log w_k - log k)                                  (Burda 2016)
+    dae         -log p(x | mu(occlude(x))), a denoising autoencoder        (DARLA, Higgins 2017)
+    beta_vae_dae  E_q ||J(x^) - J(x)||^2 + beta KL, J a frozen DAE's features: not an ELBO (DARLA)
 
 KL warm-up (elbo, capacity, beta_tcvae) scales the KL weights by min(step / warmup_steps, 1);
 free bits floor each latent dim's batch-mean KL at `free_bits` nats in the loss. Every
@@ -44,8 +46,9 @@ def check(config: ml_collections.ConfigDict) -> None:
                       f"{tuple(KINDS)}")
   for cls in KINDS.values():
     cls.check_keys(o)
-  if o.kind != "elbo" and o.beta != 1.0:
-    raise ConfigError(f"config.objective.beta={o.beta} weights the KL of kind='elbo' only; "
+  if not KINDS[o.kind].reads_beta and o.beta != 1.0:
+    readers = " and ".join(repr(k) for k, c in KINDS.items() if c.reads_beta)
+    raise ConfigError(f"config.objective.beta={o.beta} weights the KL of kind={readers} only; "
                       f"kind={o.kind!r} has its own weights (see its module in jaxvae/objectives)")
   KINDS[o.kind].check(config)
 

@@ -57,6 +57,8 @@ class Objective:
   # Whether `gradients` returns the model's new batch-norm statistics (`StepGradients`); a
   # model with batch norm is refused by objectives that do not.
   trains_batch_stats: ClassVar[bool] = False
+  # Whether its loss weights the KL by `objective.beta`; other kinds refuse beta != 1.
+  reads_beta: ClassVar[bool] = False
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)

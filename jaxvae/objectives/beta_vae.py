@@ -42,6 +42,7 @@ def beta_elbo_loss(params, rng: jax.Array, x: jax.Array, *, model: VAE,
 class BetaELBO(base.Objective):
   """-E[log p(x|z)] + beta KL, beta after warm-up; beta = 1 is the negative ELBO."""
   kind = "elbo"
+  reads_beta = True
   defaults = {"beta": 1.0}  # the KL weight in the loss; reported ELBOs always use 1
 
   @classmethod
