@@ -33,8 +33,8 @@ def _pixel_log_probs(p, colours, dtype=jnp.float32):
   """The implementation under test at N colours of one pixel's parameters: colours [N, C] in
   [0, 1] -> f64[N]. The colours lie along one image row, so they are N pixels of one example."""
   n = colours.shape[0]
-  x = jnp.asarray(colours, dtype).reshape(1, n, 1, -1)
-  obs = {k: jnp.broadcast_to(jnp.asarray(v, dtype), (1, n, 1) + v.shape) for k, v in p.items()}
+  x = jnp.asarray(colours, dtype).reshape(1, 1, n, -1)
+  obs = {k: jnp.broadcast_to(jnp.asarray(v, dtype), (1, 1, n) + v.shape) for k, v in p.items()}
   return np.asarray(D.mixture_logistic_pixel_log_probs(x, obs)[0], np.float64)
 
 
@@ -113,8 +113,8 @@ def _colour_marginals(p, reds):
   g, b = (v.ravel() for v in jnp.meshgrid(levels, levels, indexing="ij"))
 
   def one_red(r):
-    x = jnp.stack([jnp.full_like(g, r / 255), g, b], -1).reshape(1, g.size, 1, 3)
-    obs = {k: jnp.broadcast_to(v, (1, g.size, 1) + v.shape) for k, v in p.items()}
+    x = jnp.stack([jnp.full_like(g, r / 255), g, b], -1).reshape(1, 1, g.size, 3)
+    obs = {k: jnp.broadcast_to(v, (1, 1, g.size) + v.shape) for k, v in p.items()}
     return jnp.exp(D.mixture_logistic_pixel_log_probs(x, obs)[0]).sum()
   return jax.lax.map(one_red, reds)
 
@@ -145,8 +145,8 @@ def test_colour_mixture_sums_over_green_and_blue_to_the_red_marginal(seed):
 @pytest.mark.slow
 def test_colour_mixture_sums_to_one_over_all_256_cubed_colours():
   """The implementation itself, in float64 (jax.enable_x64), at every one of the 16.8M colours
-  of one pixel with M = 3 coupled components: 20 s on a shared 2-core CPU under XLA's default
-  flags, 70 s under the suite's fast-compile ones."""
+  of one pixel with M = 3 coupled components: 40-70 s on a shared 2-core CPU under the suite's
+  fast-compile flags."""
   p = _pixel(np.random.default_rng(0), 3, 3, log_scales=(-6.0, -1.0))
   with jax.enable_x64(True):
     total = float(np.sum(_colour_marginals(p, jnp.arange(256.0, dtype=jnp.float64))))
