@@ -167,11 +167,11 @@ def mixture_logistic_channels(num_mixtures: int, channels: int) -> int:
 
 def _rows_last(v: jax.Array) -> jax.Array:
   """f32[B, H, W, ...] -> f32[B * H, ..., W]: each image row's pixels on the minor axis, which
-  XLA:CPU vectorizes (see `pixel_rows`), rather than M = 10 components or C = 3 channels. On a
-  CIFAR-sized batch the mixture's log-prob ran 6x faster so than on [B, H, W, M, C]. Rows
+  XLA:CPU vectorizes (see `pixel_rows`), rather than M = 10 components or C = 3 channels: the
+  mixture's log-prob of 32 CIFAR-10 images took 21 ms so and 150 ms on [B, H, W, M, C]. Rows
   rather than whole images: XLA:CPU fuses the gradient's last elementwise step into the
-  transpose back to [B, H, W, ...], and that gradient took 1.5x longer with H * W pixels
-  on the minor axis than with a row of W."""
+  transpose back to [B, H, W, ...], and the gradient took 1.7x longer (190 against 110 ms)
+  with all H * W pixels on the minor axis."""
   return jnp.moveaxis(v.reshape((-1,) + v.shape[2:]), 1, -1)
 
 
