@@ -158,7 +158,8 @@ def test_colour_mixture_sums_to_one_over_all_256_cubed_colours():
 
 def _obs(p, shape=(1, 1, 1)):
   """One pixel's parameters as a decoder output dict of float32 arrays, batch [1, 1, 1]."""
-  return {k: jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape + np.shape(v)) for k, v in p.items()}
+  return {k: jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape + np.shape(v))
+          for k, v in p.items()}
 
 
 def test_edge_levels_take_the_tails():
