@@ -83,7 +83,9 @@ def _model_config() -> ml_collections.ConfigDict:
                                    # x and z (Burda et al.'s two-layer model; 0: one layer)
   k.middle_hidden = ()             # the dense widths between h1 and z, mirrored from z to h1
   k.activation = "gelu"
-  k.likelihood = "gaussian"        # gaussian | bernoulli | discretized_logistic
+  k.likelihood = "gaussian"        # gaussian | bernoulli | discretized_logistic |
+                                   # mixture_logistic (PixelCNN++'s, 1 or 3 channels)
+  k.mixtures = 10                  # mixture_logistic: M, logistic components per pixel
   k.obs_scale = "fixed"            # gaussian: fixed | learned_global | learned_pixel
   k.obs_sigma = 0.5 ** 0.5         # gaussian, fixed: sigma of p(x|z)
   k.decoder_mean = "sigmoid"        # gaussian: sigmoid (paper) | identity
@@ -195,6 +197,9 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
   _choice(m.arch, models.BUILDERS, "model.arch")
   _choice(m.activation, tuple(models.ACTIVATIONS), "model.activation")
   _choice(m.likelihood, distributions.LIKELIHOODS, "model.likelihood")
+  if m.mixtures < 1:
+    raise ConfigError(f"config.model.mixtures={m.mixtures} must be >= 1 (the mixture_logistic "
+                      "likelihood's components per pixel; PixelCNN++ uses 10)")
   _choice(m.obs_scale, models.OBS_SCALES, "model.obs_scale")
   _choice(m.decoder_mean, models.DECODER_MEANS, "model.decoder_mean")
   _choice(m.compute_dtype, models.COMPUTE_DTYPES, "model.compute_dtype")

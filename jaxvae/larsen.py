@@ -59,17 +59,17 @@ class LarsenEncoder(nn.Module):
 
 
 class LarsenDecoder(nn.Module):
-  """z f32[N, K] -> f32[N, H, W, C * out_per_pixel]; H and W are multiples of 2^len(channels)."""
+  """z f32[N, K] -> f32[N, H, W, out_channels]; H and W are multiples of 2^len(channels)."""
   has_convolutions: ClassVar[bool] = True
   has_batch_norm: ClassVar[bool] = True
   top_channels: int
   channels: Sequence[int]
   image_shape: Sequence[int]
-  out_per_pixel: int = 1
+  out_channels: int = 1
 
   @nn.compact
   def __call__(self, z):
-    height, width, c = self.image_shape
+    height, width, _ = self.image_shape
     factor = 2 ** len(self.channels)
     top = (z.shape[0], height // factor, width // factor, self.top_channels)
     h = nn.Dense(top[1] * top[2] * top[3], use_bias=False)(z)
@@ -77,7 +77,7 @@ class LarsenDecoder(nn.Module):
     for ch in self.channels:
       h = nn.ConvTranspose(ch, KERNEL, strides=(2, 2), padding="SAME", use_bias=False)(h)
       h = nn.relu(_norm(self)(h))
-    return nn.Conv(c * self.out_per_pixel, KERNEL)(h)
+    return nn.Conv(self.out_channels, KERNEL)(h)
 
 
 class Discriminator(nn.Module):
@@ -113,10 +113,10 @@ def check_shape(image_shape: Sequence[int], decoder_channels: Sequence[int]) -> 
 
 
 @models.register_architecture("larsen")
-def _larsen(model_cfg, image_shape, pixel_mean, out_per_pixel) -> models.Parts:
+def _larsen(model_cfg, image_shape, pixel_mean, out_channels) -> models.Parts:
   del pixel_mean
   check_shape(image_shape, model_cfg.decoder_channels)
   channels = tuple(model_cfg.conv_channels)
   encoder = LarsenEncoder(channels, tuple(model_cfg.hidden), model_cfg.latent_dim)
   return models.Parts(encoder, LarsenDecoder(channels[-1], tuple(model_cfg.decoder_channels),
-                                             tuple(image_shape), out_per_pixel))
+                                             tuple(image_shape), out_channels))

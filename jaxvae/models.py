@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvae import distributions
+from jaxvae.errors import ConfigError
 
 ACTIVATIONS: dict[str, Callable] = {
     "gelu": nn.gelu, "relu": nn.relu, "elu": nn.elu, "silu": nn.silu, "tanh": jnp.tanh,
@@ -106,14 +107,14 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-  """z f32[B, K] -> f32[B, H, W, C * out_per_pixel] raw decoder outputs.
+  """z f32[B, K] -> f32[B, H, W, out_channels] raw decoder outputs.
 
-  `output_bias_init` initializes the output layer's bias f32[H * W * C * out_per_pixel].
+  `output_bias_init` initializes the output layer's bias f32[H * W * out_channels].
   """
   has_convolutions: ClassVar[bool] = False
   hidden: Sequence[int]
   image_shape: Sequence[int]
-  out_per_pixel: int = 1
+  out_channels: int = 1
   activation: Callable = nn.gelu
   dtype: jnp.dtype = jnp.float32
   kernel_init: Callable = KERNEL_INITS["lecun_normal"]
@@ -125,9 +126,9 @@ class MLPDecoder(nn.Module):
     h = z
     for width in reversed(self.hidden):
       h = self.activation(dense(width)(h))
-    height, width, c = self.image_shape
-    out = dense(height * width * c * self.out_per_pixel, bias_init=self.output_bias_init)(h)
-    return out.reshape(z.shape[0], height, width, c * self.out_per_pixel)
+    height, width, _ = self.image_shape
+    out = dense(height * width * self.out_channels, bias_init=self.output_bias_init)(h)
+    return out.reshape(z.shape[0], height, width, self.out_channels)
 
 
 def _downsampled_sizes(size: int, levels: int) -> list[int]:
@@ -198,7 +199,7 @@ class ConvDecoder(nn.Module):
   channels: Sequence[int]
   hidden: Sequence[int]
   image_shape: Sequence[int]
-  out_per_pixel: int = 1
+  out_channels: int = 1
   activation: Callable = nn.gelu
   dtype: jnp.dtype = jnp.float32
   kernel_init: Callable = KERNEL_INITS["lecun_normal"]
@@ -206,7 +207,7 @@ class ConvDecoder(nn.Module):
   @nn.compact
   def __call__(self, z):
     dense = _layer(nn.Dense, self.dtype, self.kernel_init)
-    height, width, c = self.image_shape
+    height, width, _ = self.image_shape
     hs = _downsampled_sizes(height, len(self.channels))
     ws = _downsampled_sizes(width, len(self.channels))
     h = z
@@ -216,7 +217,7 @@ class ConvDecoder(nn.Module):
     h = self.activation(dense(hs[-1] * ws[-1] * top)(h)).reshape(z.shape[0], hs[-1], ws[-1], top)
     for i, ch in reversed(list(enumerate(self.channels))):
       h = nearest_upsample(nearest_upsample(h, hs[i], axis=1), ws[i], axis=2)
-      out = c * self.out_per_pixel if i == 0 else self.channels[i - 1]
+      out = self.out_channels if i == 0 else self.channels[i - 1]
       h = _layer(nn.Conv, self.dtype, self.kernel_init)(out, (3, 3), padding="SAME")(h)
       if i > 0:
         h = self.activation(h)
@@ -232,20 +233,20 @@ LOCATELLO_DECONV_KERNEL = 4
 
 
 class LocatelloDecoder(nn.Module):
-  """disentanglement_lib's deconv_decoder: z f32[B, K] -> f32[B, H, W, C * out_per_pixel].
+  """disentanglement_lib's deconv_decoder: z f32[B, K] -> f32[B, H, W, out_channels].
 
   Dense 256, dense to an (H/16, W/16, 64) map, then 4x4 stride-2 SAME transposed convs to 64,
   32, 32 and the output channels, each doubling H and W (so H and W are multiples of 16)."""
   has_convolutions: ClassVar[bool] = True
   image_shape: Sequence[int]
-  out_per_pixel: int = 1
+  out_channels: int = 1
   activation: Callable = nn.relu
   dtype: jnp.dtype = jnp.float32
   kernel_init: Callable = KERNEL_INITS["lecun_normal"]
 
   @nn.compact
   def __call__(self, z):
-    height, width, c = self.image_shape
+    height, width, _ = self.image_shape
     factor = 2 ** len(LOCATELLO_CONVS)
     channels = [ch for ch, _ in LOCATELLO_CONVS]
     top = (z.shape[0], height // factor, width // factor, channels[-1])
@@ -253,7 +254,7 @@ class LocatelloDecoder(nn.Module):
     deconv = _layer(nn.ConvTranspose, self.dtype, self.kernel_init)
     h = self.activation(dense(LOCATELLO_DENSE)(z))
     h = self.activation(dense(math.prod(top[1:]))(h)).reshape(top)
-    outs = channels[-2::-1] + [c * self.out_per_pixel]  # 64, 32, 32, C
+    outs = channels[-2::-1] + [self.out_channels]  # 64, 32, 32, out
     k = LOCATELLO_DECONV_KERNEL
     for i, ch in enumerate(outs):
       h = deconv(ch, (k, k), strides=(2, 2), padding="SAME")(h)
@@ -268,6 +269,31 @@ def _gaussian(mean: jax.Array, raw: jax.Array, bound: float) -> tuple[jax.Array,
   return mean.astype(jnp.float32), distributions.soft_clamp(raw.astype(jnp.float32), bound)
 
 
+def output_channels(likelihood: str, channels: int, mixtures: int) -> int:
+  """The decoder's output channels for a likelihood over images of `channels` channels."""
+  if likelihood == "mixture_logistic":
+    return distributions.mixture_logistic_channels(mixtures, channels)
+  return 2 * channels if likelihood == "discretized_logistic" else channels
+
+
+def mixture_logistic_head(out: jax.Array, channels: int, mixtures: int,
+                          bound: float) -> dict[str, jax.Array]:
+  """Decoder output f32[B, H, W, M (1 + 2C) (+ 3M for C = 3)] -> the mixture's parameters
+  (`distributions.mixture_logistic_pixel_log_probs`). The channels, in order: M logits; M x C
+  means, sigmoid (in [0, 1], as the single logistic's); M x C log-scales, soft-clamped into
+  (-bound, bound), which also floors them near -bound (PixelCNN++ cuts at -7 with a max, which
+  stops their gradient; the bin masses here stay finite at any finite scale, so the smooth clamp
+  that every other head uses is enough); for C = 3, M x 3 coupling coefficients, tanh."""
+  m, c = mixtures, channels
+  per_component = lambda v, k: v.reshape(v.shape[:-1] + (m, k))
+  means, log_scales = jnp.split(out[..., m:m + 2 * m * c], 2, axis=-1)
+  obs = {"logits": out[..., :m], "means": nn.sigmoid(per_component(means, c)),
+         "log_scales": distributions.soft_clamp(per_component(log_scales, c), bound)}
+  if c == 3:
+    obs["coeffs"] = jnp.tanh(per_component(out[..., m + 2 * m * c:], 3))
+  return obs
+
+
 class VAE(nn.Module):
   """Encoder, decoder and the likelihood head that turns decoder outputs into p(x|z).
 
@@ -276,7 +302,8 @@ class VAE(nn.Module):
       leaves it unbounded) and log_scale, fixed
       (log obs_sigma) or learned (one scalar, or one per pixel, independent of z);
     bernoulli: logits = out;
-    discretized_logistic: mean = sigmoid(out[..., :C]), log_scale from out[..., C:].
+    discretized_logistic: mean = sigmoid(out[..., :C]), log_scale from out[..., C:];
+    mixture_logistic: `mixture_logistic_head` (M = `mixtures` components).
   Every log-scale passes through `soft_clamp(., log_scale_bound)`.
   """
   encoder: nn.Module
@@ -287,6 +314,7 @@ class VAE(nn.Module):
   obs_sigma: float = 0.5 ** 0.5
   log_scale_bound: float = 7.0
   decoder_mean: str = "sigmoid"
+  mixtures: int = 10  # mixture_logistic: components per pixel
   stochastic_layers: ClassVar[int] = 1
   # Whether the latents are a top-down hierarchy of grids without one code (`jaxvae.topdown`).
   top_down: ClassVar[bool] = False
@@ -330,11 +358,18 @@ class VAE(nn.Module):
     return self.likelihood_params(self.decoder(z))
 
   def likelihood_params(self, out):
-    """The decoder's raw output f32[B, H, W, C * out_per_pixel] -> the likelihood's parameters."""
+    """The decoder's raw output f32[B, H, W, out_channels] -> the likelihood's parameters."""
     out = out.astype(jnp.float32)
+    expected = output_channels(self.likelihood, self.image_shape[-1], self.mixtures)
+    if out.shape[-1] != expected:
+      raise ValueError(f"{type(self.decoder).__name__} gave {out.shape[-1]} output channels; "
+                       f"likelihood {self.likelihood!r} needs {expected}: an architecture "
+                       "builder's decoder gives `out_channels` channels (see docs/extending.md)")
     clamp = lambda v: distributions.soft_clamp(v, self.log_scale_bound)
     if self.likelihood == "bernoulli":
       return {"logits": out}
+    if self.likelihood == "mixture_logistic":
+      return mixture_logistic_head(out, self.image_shape[-1], self.mixtures, self.log_scale_bound)
     if self.likelihood == "discretized_logistic":
       c = self.image_shape[-1]
       return {"mean": nn.sigmoid(out[..., :c]), "log_scale": clamp(out[..., c:])}
@@ -479,36 +514,44 @@ class HierarchicalVAE(VAE):
 
 
 def output_bias(model_cfg, pixel_mean: np.ndarray) -> np.ndarray:
-  """The decoder output f32[H, W, C * out_per_pixel] whose likelihood mean is `pixel_mean`.
+  """The decoder output f32[H, W, out_channels] whose likelihood mean is `pixel_mean`.
 
   pixel_mean: f32[H, W, C] in [0, 1], the training split's mean image (for binary data, each
   pixel's probability of a 1), clipped to [MEAN_CLIP, 1 - MEAN_CLIP] so no logit is infinite.
   Bernoulli logits and sigmoid means get logit(mean), an identity Gaussian mean the mean
-  itself; the discretized logistic's log-scale channels get 0.
+  itself; the discretized logistic's log-scale channels get 0; the mixture's components all
+  get that mean, and its logits, log-scales and coefficients 0.
   """
   p = np.clip(np.asarray(pixel_mean, np.float64), MEAN_CLIP, 1 - MEAN_CLIP)
   identity = model_cfg.likelihood == "gaussian" and model_cfg.decoder_mean == "identity"
   out = p if identity else np.log(p) - np.log1p(-p)
   if model_cfg.likelihood == "discretized_logistic":
     out = np.concatenate([out, np.zeros_like(out)], axis=-1)
+  if model_cfg.likelihood == "mixture_logistic":
+    m, c = model_cfg.mixtures, out.shape[-1]
+    rest = distributions.mixture_logistic_channels(m, c) - m - m * c  # log-scales, coefficients
+    zeros = lambda k: np.zeros(out.shape[:-1] + (k,))
+    out = np.concatenate([zeros(m), np.tile(out, m), zeros(rest)], axis=-1)
   return out.astype(np.float32)
 
 
 class Parts(NamedTuple):
   """What an architecture builder returns; the model class adds the likelihood head."""
   encoder: nn.Module  # x f32[B, H, W, C] -> (mean, raw log-scale) f32[B, K]
-  decoder: nn.Module  # z f32[N, K] -> f32[N, H, W, C * out_per_pixel]
+  decoder: nn.Module  # z f32[N, K] -> f32[N, H, W, out_channels]
   model: type["VAE"] = VAE  # a subclass for networks that are not one code's encoder/decoder
 
 
-# `config.model.arch` -> its builder (model_cfg, image_shape, pixel_mean, out_per_pixel) -> Parts.
+# `config.model.arch` -> its builder (model_cfg, image_shape, pixel_mean, out_channels) -> Parts.
 BUILDERS: dict[str, Callable[..., Parts]] = {}
 
 
 def register_architecture(name: str):
-  """Decorator: makes `builder(model_cfg, image_shape, pixel_mean, out_per_pixel) -> Parts` the
+  """Decorator: makes `builder(model_cfg, image_shape, pixel_mean, out_channels) -> Parts` the
   architecture `config.model.arch=name`. The encoder's code is `model_cfg.latent_dim` wide
-  (`middle_dim` under a middle layer); the decoder gives `out_per_pixel` values per channel."""
+  (`middle_dim` under a middle layer); the decoder gives `out_channels` channels per pixel
+  (`output_channels`: C, 2C for the discretized logistic, the mixture's M (1 + 3C) or 3M),
+  passed by keyword."""
   def register(builder):
     BUILDERS[name] = builder
     return builder
@@ -529,7 +572,7 @@ def _layers(model_cfg):
 
 
 @register_architecture("mlp")
-def _mlp(model_cfg, image_shape, pixel_mean, out_per_pixel) -> Parts:
+def _mlp(model_cfg, image_shape, pixel_mean, out_channels) -> Parts:
   act, dtype, kernel_init = _layers(model_cfg)
   hidden, decoder_hidden = _widths(model_cfg)
   # With a middle layer, this encoder's code is h1 (see HierarchicalVAE).
@@ -542,30 +585,30 @@ def _mlp(model_cfg, image_shape, pixel_mean, out_per_pixel) -> Parts:
                        "image: pass pixel_mean=data.pixel_mean(train_images, binarize)")
     bias = output_bias(model_cfg, pixel_mean).ravel()
     bias_init = lambda key, shape, dtype=jnp.float32: jnp.asarray(bias, dtype).reshape(shape)
-  return Parts(encoder, MLPDecoder(decoder_hidden, tuple(image_shape), out_per_pixel, act, dtype,
+  return Parts(encoder, MLPDecoder(decoder_hidden, tuple(image_shape), out_channels, act, dtype,
                                    kernel_init, bias_init))
 
 
 @register_architecture("conv")
-def _conv(model_cfg, image_shape, pixel_mean, out_per_pixel) -> Parts:
+def _conv(model_cfg, image_shape, pixel_mean, out_channels) -> Parts:
   del pixel_mean
   act, dtype, kernel_init = _layers(model_cfg)
   hidden, decoder_hidden = _widths(model_cfg)
   channels = tuple(model_cfg.conv_channels)
   return Parts(ConvEncoder(channels, hidden, model_cfg.latent_dim, act, dtype, kernel_init),
-               ConvDecoder(channels, decoder_hidden, tuple(image_shape), out_per_pixel, act,
+               ConvDecoder(channels, decoder_hidden, tuple(image_shape), out_channels, act,
                            dtype, kernel_init))
 
 
 @register_architecture("locatello")
-def _locatello(model_cfg, image_shape, pixel_mean, out_per_pixel) -> Parts:
+def _locatello(model_cfg, image_shape, pixel_mean, out_channels) -> Parts:
   del pixel_mean
   act, dtype, kernel_init = _layers(model_cfg)
   _check_locatello_shape(image_shape)
   encoder = ConvEncoder(tuple(ch for ch, _ in LOCATELLO_CONVS), (LOCATELLO_DENSE,),
                         model_cfg.latent_dim, act, dtype, kernel_init,
                         tuple(k for _, k in LOCATELLO_CONVS))
-  return Parts(encoder, LocatelloDecoder(tuple(image_shape), out_per_pixel, act, dtype,
+  return Parts(encoder, LocatelloDecoder(tuple(image_shape), out_channels, act, dtype,
                                          kernel_init))
 
 
@@ -576,10 +619,13 @@ def make_model(model_cfg, image_shape: Sequence[int], pixel_mean: np.ndarray | N
   pixel_mean: f32[H, W, C], the training split's mean image in [0, 1] (`data.pixel_mean`);
   needed by `model.output_bias_init="data_mean"` only.
   """
-  out_per_pixel = 2 if model_cfg.likelihood == "discretized_logistic" else 1
-  parts = BUILDERS[model_cfg.arch](model_cfg, image_shape, pixel_mean, out_per_pixel)
+  if model_cfg.likelihood == "mixture_logistic" and image_shape[-1] not in (1, 3):
+    raise ConfigError(f"config.model.likelihood='mixture_logistic' models images of 1 or 3 "
+                      f"channels, and these have {image_shape[-1]}; choose 'discretized_logistic'")
+  out_channels = output_channels(model_cfg.likelihood, image_shape[-1], model_cfg.mixtures)
+  parts = BUILDERS[model_cfg.arch](model_cfg, image_shape, pixel_mean, out_channels=out_channels)
   head = (tuple(image_shape), model_cfg.likelihood, model_cfg.obs_scale, model_cfg.obs_sigma,
-          model_cfg.log_scale_bound, model_cfg.decoder_mean)
+          model_cfg.log_scale_bound, model_cfg.decoder_mean, model_cfg.mixtures)
   if model_cfg.middle_dim:
     # x -> hidden -> h1 (middle_dim) -> middle_hidden -> h2 (latent_dim), mirrored back down.
     act, dtype, kernel_init = _layers(model_cfg)

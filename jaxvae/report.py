@@ -13,7 +13,9 @@ def estimators(likelihood: str, binarize: str, image_shape, iw_samples: int,
   model_lik = {
       "gaussian": "Gaussian density on [0,1] pixels (continuous, not a probability of 8-bit data)",
       "bernoulli": f"Bernoulli on binarized pixels (binarize={binarize})",
-      "discretized_logistic": "discretized logistic over the 256 pixel levels"}[likelihood]
+      "discretized_logistic": "discretized logistic over the 256 pixel levels",
+      "mixture_logistic": "mixture of discretized logistics over the 256 pixel levels, colour "
+                          "channels coupled (PixelCNN++)"}[likelihood]
   discrete = ("the Gaussian decoder binned on the 256 pixel levels (discretized Gaussian)"
               if likelihood == "gaussian" else model_lik)
   sfx = "_discrete" if likelihood == "gaussian" else ""

@@ -208,7 +208,7 @@ class DecBlock(nn.Module):
 
 
 class TopDown(nn.Module):
-  """The top-down pass: (acts {r: a_r} or None, key, batch) -> (likelihood-head input
+  """The top-down pass: (acts {r: a_r} or None, key, batch) -> (the likelihood head's input
   f32[B, R, R, out_channels], GroupStats with f32[B, G] fields, G groups in `blocks` order)."""
   has_convolutions: ClassVar[bool] = True
   blocks: tuple[DownSpec, ...]
@@ -295,7 +295,7 @@ class TopDownVAE(models.VAE):
 
 
 @models.register_architecture("topdown")
-def _topdown(model_cfg, image_shape, pixel_mean, out_per_pixel) -> models.VAE:
+def _topdown(model_cfg, image_shape, pixel_mean, out_channels) -> models.Parts:
   del pixel_mean
   problem = spec_problem(model_cfg.blocks_up, model_cfg.blocks_down, image_shape)
   if problem:
@@ -304,5 +304,5 @@ def _topdown(model_cfg, image_shape, pixel_mean, out_per_pixel) -> models.VAE:
   mid = max(1, round(width * model_cfg.bottleneck))
   encoder = BottomUp(parse_up(model_cfg.blocks_up), width, mid)
   decoder = TopDown(parse_down(model_cfg.blocks_down), width, mid, model_cfg.latent_channels,
-                    image_shape[-1] * out_per_pixel, model_cfg.log_scale_bound)
+                    out_channels, model_cfg.log_scale_bound)
   return models.Parts(encoder, decoder, TopDownVAE)
