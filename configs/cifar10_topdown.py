@@ -45,6 +45,7 @@ def get_config(variant: str = "cpu"):
     m.width, m.latent_channels = 64, 8
     config.optimizer.learning_rate = 5e-4
     config.optimizer.ema_decay = 0.999
+    config.optimizer.flatten = True
     config.num_epochs = 40
     config.eval.iw_samples = 10     # each draw passes every test image through the model
   else:
@@ -53,6 +54,7 @@ def get_config(variant: str = "cpu"):
     m.width, m.latent_channels = 384, 16
     config.optimizer.learning_rate = 2e-4
     config.optimizer.ema_decay = 0.9999
+    config.optimizer.flatten = True
     config.num_epochs = 650
     config.eval.iw_samples = 100
   return config

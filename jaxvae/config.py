@@ -121,6 +121,9 @@ def _optimizer_config() -> ml_collections.ConfigDict:
   k.ema_decay = 0.0                 # > 0: keep an exponential moving average of the parameters
                                     # with this decay (VD-VAE: 0.9999), which evaluation, the
                                     # figures and the commands then use; 0 turns it off
+  k.flatten = False                 # update the parameters as one raveled vector (optax.flatten):
+                                    # the same arithmetic, one fused update instead of one per
+                                    # array (faster to compile for models of many arrays)
   k.max_consecutive_skips = 20            # non-finite steps are skipped; this many in a row stop
   k.skip_nonfinite = "grads"            # which steps are skipped: grads (a non-finite loss or
                                         # any non-finite gradient) | loss (a non-finite loss

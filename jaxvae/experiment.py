@@ -77,8 +77,9 @@ class Experiment:
 def model_params(state: TrainState):
   """The model's parameters to evaluate, draw and sample with: the moving average of the group
   "vae" when its optimizer keeps one (`optimizer.ema_decay`), else its parameters."""
-  ema = optim.ema_params(state.opt_state.get(VAE_GROUP))
-  return state.params[VAE_GROUP] if ema is None else ema
+  params = state.params[VAE_GROUP]
+  ema = optim.ema_params(state.opt_state.get(VAE_GROUP), params)
+  return params if ema is None else ema
 
 
 def build(config: ml_collections.ConfigDict, image_shape: Sequence[int], dataset_size: int,

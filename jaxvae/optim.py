@@ -16,6 +16,7 @@ import itertools
 from typing import Any, NamedTuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -75,14 +76,17 @@ def learning_rate(opt_cfg, steps_per_epoch: int) -> float | optax.Schedule:
 def make_optimizer(opt_cfg, steps_per_epoch: int) -> optax.GradientTransformation:
   """Adam (b1, b2, eps) at the configured learning rate or schedule, optionally after
   global-norm clipping, and optionally keeping an exponential moving average of the parameters
-  (`ema_decay`). `steps_per_epoch` turns the schedule's epochs into steps."""
+  (`ema_decay`); with `flatten`, all of it on the parameters raveled into one vector.
+  `steps_per_epoch` turns the schedule's epochs into steps."""
   tx = optax.adam(learning_rate(opt_cfg, steps_per_epoch), b1=opt_cfg.b1, b2=opt_cfg.b2,
                   eps=opt_cfg.eps)
   if opt_cfg.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip_norm), tx)
   if opt_cfg.ema_decay > 0:
     tx = optax.chain(tx, track_ema(opt_cfg.ema_decay))
-  return tx
+  # One flat vector instead of an update per parameter array: XLA:CPU compiled the top-down
+  # model's step (about 400 arrays) 1.7x faster so, at the same step time.
+  return optax.flatten(tx) if opt_cfg.flatten else tx
 
 
 class EmaState(NamedTuple):
@@ -108,8 +112,14 @@ def track_ema(decay: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
-def ema_params(opt_state) -> Any | None:
-  """The moving average `track_ema` keeps in a group's optimizer state, or None."""
+def ema_params(opt_state, params) -> Any | None:
+  """The moving average `track_ema` keeps in a group's optimizer state, shaped like that
+  group's `params` (a flattened optimizer keeps it raveled), or None."""
   found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, EmaState))
            if isinstance(s, EmaState)]
-  return found[0].params if found else None
+  if not found:
+    return None
+  ema = found[0].params
+  if jax.tree.structure(ema) != jax.tree.structure(params):
+    ema = jax.flatten_util.ravel_pytree(params)[1](ema)
+  return ema
