@@ -57,6 +57,9 @@ FIGSIZES = {  # inches (width, height)
 FACTOR_FIGURES = ("factor_traversals", "factor_traversals_animated")  # data with factor labels
 # Drawn from several runs (--sweep, --compare), never by one run.
 SWEEP_FIGURES = ("sweep", "compare_training", "compare_images", "transfer", "domain_traversals")
+# A top-down model's own (jaxvae.topdown), drawn beside the curves and fig17 in place of the
+# latent walks.
+TOP_DOWN_FIGURES = ("kl_per_group_training", "temperature_samples")
 GIF_FRAME_MS = 250
 
 

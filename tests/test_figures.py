@@ -26,7 +26,8 @@ def run_dir(tmp_path_factory):
 
 # Digits have no factor labels, and a sweep is drawn from several runs.
 ONE_RUN_FIGURES = [n for n in figures.FIGSIZES
-                   if n not in figures.FACTOR_FIGURES + figures.SWEEP_FIGURES]
+                   if n not in figures.FACTOR_FIGURES + figures.SWEEP_FIGURES
+                   + figures.TOP_DOWN_FIGURES]
 
 
 def _pixels(path) -> np.ndarray:

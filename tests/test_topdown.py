@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 from conftest import tiny_digits_config
 from jaxvae import config as config_lib
 from jaxvae import distributions, evaluate, experiment, models, optim, restore, report, sample
-from jaxvae import topdown
+from jaxvae import figures, topdown
 from jaxvae import train as train_lib
 
 SHAPE = (8, 8, 1)  # the digits
@@ -187,9 +188,13 @@ def test_a_topdown_run_trains_reports_each_groups_kl_and_draws_its_figures(topdo
   assert np.isclose(sum(groups), rows[-1]["test/kl_nats"], rtol=1e-4)
   assert rows[-1]["train/skipped_steps"] == 0
   assert 0 < rows[-1]["train/vae_grad_norm"] < 1e4
-  figures = set(os.listdir(os.path.join(workdir, "figures")))
-  assert {"fig15_loss.png", "kl_per_group_training.png", "fig17_reconstructions.png",
-          "temperature_samples.png"} <= figures
+  drawn = set(os.listdir(os.path.join(workdir, "figures")))
+  expected = ("data", "fig15_loss", "fig16_ssim", "fig17_reconstructions",
+              *figures.TOP_DOWN_FIGURES)
+  assert drawn == {f"{name}.png" for name in expected}
+  for name in expected:
+    with Image.open(os.path.join(workdir, "figures", f"{name}.png")) as im:
+      assert im.size == tuple(round(v * figures.DPI) for v in figures.FIGSIZES[name])
 
 
 def test_the_evaluate_command_scores_a_topdown_run_with_its_moving_average(topdown_run):
