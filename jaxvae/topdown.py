@@ -48,19 +48,20 @@ class DownSpec(NamedTuple):
 
 def parse_up(spec: str) -> tuple[UpSpec, ...]:
   """"32x2,32d2,16x1" -> (UpSpec(32, 1), UpSpec(32, 1), UpSpec(32, 2), UpSpec(16, 1))."""
-  out = []
-  for part in _parts(spec, "blocks_up", r"(\d+)([xd])(\d+)"):
-    res, op, n = int(part[0]), part[1], int(part[2])
-    out += [UpSpec(res, 1)] * n if op == "x" else [UpSpec(res, n)]
-  return tuple(out)
+  return _parse(spec, "blocks_up", "d", UpSpec, plain=1)
 
 
 def parse_down(spec: str) -> tuple[DownSpec, ...]:
   """"1x1,4m1,4x2" -> (DownSpec(1, 0), DownSpec(4, 1), DownSpec(4, 0), DownSpec(4, 0))."""
+  return _parse(spec, "blocks_down", "m", DownSpec, plain=0)
+
+
+def _parse(spec: str, key: str, op: str, block: type, plain: int) -> tuple:
+  """"r x n" -> n blocks block(r, plain); "r <op> k" -> one block(r, k)."""
   out = []
-  for part in _parts(spec, "blocks_down", r"(\d+)([xm])(\d+)"):
-    res, op, n = int(part[0]), part[1], int(part[2])
-    out += [DownSpec(res, 0)] * n if op == "x" else [DownSpec(res, n)]
+  for part in _parts(spec, key, rf"(\d+)([x{op}])(\d+)"):
+    res, kind, n = int(part[0]), part[1], int(part[2])
+    out += [block(res, plain)] * n if kind == "x" else [block(res, n)]
   return tuple(out)
 
 
