@@ -90,24 +90,32 @@ def make_optimizer(opt_cfg, steps_per_epoch: int) -> optax.GradientTransformatio
 
 
 class EmaState(NamedTuple):
-  """The moving average of the parameters, shaped like them."""
+  """The moving average of the parameters, shaped like them, after `count` updates."""
+  count: jax.Array
   params: Any
 
 
 def track_ema(decay: float) -> optax.GradientTransformation:
-  """Leaves the updates as they are and keeps ema <- decay * ema + (1 - decay) * new params
-  in its state (VD-VAE evaluates such an average, decay 0.9999). It lives in the optimizer
-  state, so it is checkpointed, restored, sharded and skipped with the rest of the group."""
+  """Leaves the updates as they are and keeps, after t updates, the debiased moving average
+  of the parameters p_1..p_t they produced: sum_i d^(t-i) p_i / sum_i d^(t-i) with d = `decay`
+  (VD-VAE evaluates such an average, decay 0.9999). Debiased, the initial parameters carry no
+  weight; started from them instead, they would still weigh d^t (0.67 after 400 steps at
+  0.999). It lives in the optimizer state, so it is checkpointed, restored, sharded and
+  skipped with the rest of the group."""
+  d = jnp.float32(decay)
 
   def init(params):
-    return EmaState(jax.tree.map(jnp.asarray, params))
+    return EmaState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.asarray, params))
 
   def update(updates, state, params=None):
     if params is None:
       raise ValueError("track_ema needs the parameters: call update(updates, state, params)")
     new = optax.apply_updates(params, updates)
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.params, new)
-    return updates, EmaState(ema)
+    count = optax.safe_increment(state.count)
+    # The running form of the weighted mean above; the first update's weight is exactly 1.
+    weight = (1 - d) / (1 - d ** count)
+    ema = jax.tree.map(lambda e, p: e + weight.astype(e.dtype) * (p - e), state.params, new)
+    return updates, EmaState(count, ema)
 
   return optax.GradientTransformation(init, update)
 

@@ -130,30 +130,33 @@ def test_at_init_every_prior_is_standard_normal_and_adds_nothing():
     model.code_dim
 
 
-def test_track_ema_averages_the_new_parameters_and_is_what_evaluation_reads():
+def test_track_ema_is_the_debiased_average_of_the_new_parameters_and_what_evaluation_reads():
   opt = config_lib.base_config().optimizer
   opt.ema_decay = 0.5
   tx = optim.make_optimizer(opt, 10)
   params = {"w": jnp.ones(3)}
   state = tx.init(params)
-  ema = params["w"]
+  seen = []
   for i in range(3):
     updates, state = tx.update({"w": jnp.full(3, float(i + 1))}, state, params)
     params = optax.apply_updates(params, updates)
-    ema = 0.5 * ema + 0.5 * params["w"]
+    seen.append(params["w"])
+    # The initial parameters carry no weight: sum_i d^(t-i) p_i / sum_i d^(t-i).
+    weights = 0.5 ** np.arange(len(seen))[::-1]
+    ema = np.tensordot(weights, np.stack(seen), 1) / weights.sum()
     np.testing.assert_allclose(optim.ema_params(state, params)["w"], ema, rtol=1e-6)
   train_state = experiment.TrainState(jnp.int32(3), {"vae": params}, {"vae": state}, jnp.int32(0))
-  np.testing.assert_array_equal(experiment.model_params(train_state)["w"], ema)
+  np.testing.assert_array_equal(experiment.model_params(train_state)["w"],
+                                optim.ema_params(state, params)["w"])
   assert optim.ema_params(optax.adam(1e-3).init(params), params) is None
   opt.flatten = True  # the average is kept raveled, and given back shaped like the parameters
   flat = optim.make_optimizer(opt, 10)
   params = {"w": jnp.ones(3), "b": jnp.zeros(2)}
   updates, state = flat.update({"w": jnp.ones(3), "b": jnp.ones(2)}, flat.init(params), params)
   new = optax.apply_updates(params, updates)
-  expected = jax.tree.map(lambda p, n: 0.5 * p + 0.5 * n, params, new)
-  got = optim.ema_params(state, params)
+  got = optim.ema_params(state, params)  # after one update, the new parameters themselves
   assert jax.tree.structure(got) == jax.tree.structure(params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, expected)
+  jax.tree.map(np.testing.assert_array_equal, got, new)
 
 
 def test_gradient_norms_over_the_threshold_skip_their_steps_until_the_run_stops(tmp_path):
