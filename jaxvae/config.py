@@ -71,7 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
 def _model_config() -> ml_collections.ConfigDict:
   """The `config.model` keys and their defaults."""
   k = ml_collections.ConfigDict()
-  k.arch = "mlp"                   # mlp | conv | locatello (disentanglement_lib's conv_encoder and
+  k.arch = "mlp"                   # mlp | conv | conv_grid (conv's networks with the code a
+                                   # grid at the last conv: latent_channels channels; hidden,
+                                   # latent_dim unused) | locatello (disentanglement_lib's conv_encoder and
                                    # deconv_decoder, fixed: hidden, conv_channels unused) |
                                    # larsen (Larsen et al. 2016, batch norm: objective vae_gan)
   k.hidden = (512,)                # dense widths; the decoder mirrors them
@@ -100,7 +102,8 @@ def _model_config() -> ml_collections.ConfigDict:
   k.blocks_down = "1x1,4m1,4x1,8m4,8x1,16m8,16x1,32m16,32x1"  # top-down: r x n | r m from
   k.width = 64                     # channels of every block's input and output
   k.bottleneck = 0.25              # a block's inner channels, as a share of width
-  k.latent_channels = 8            # Z, channels of each latent group's grid
+  k.latent_channels = 8            # Z, channels of each latent group's grid (conv_grid: of
+                                   # the code's grid)
   return k
 
 
@@ -227,9 +230,13 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
   if m.middle_hidden and not m.middle_dim:
     raise ConfigError(f"config.model.middle_hidden={m.middle_hidden!r} sizes the layers around a "
                       "middle latent, and config.model.middle_dim=0 has none; set middle_dim")
-  if m.arch in ("conv", "larsen") and not m.conv_channels:
+  if m.arch in ("conv", "conv_grid", "larsen") and not m.conv_channels:
     raise ConfigError(f"config.model.conv_channels=() gives the {m.arch} arch no layer; give e.g. "
                       "(32, 64)")
+
+
+  if m.arch == "conv_grid":
+    check_positive(m.latent_channels, "model.latent_channels")
 
 
 def _validate_stabilizers(o: ml_collections.ConfigDict) -> None:

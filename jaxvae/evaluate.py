@@ -356,13 +356,13 @@ def evaluate_run(run, iw_samples: int | None = None, name: str = "") -> dict:
   if model.top_down:
     return _top_down_result(run, iw_samples, mesh, timed, name, seconds)
   vae, kl, variance = _vae_metrics(run, iw_samples, mesh, timed)
-  pca = timed("pca", baselines.pca_baseline, ds.train.images, ds.test.images, config.model.latent_dim,
+  pca = timed("pca", baselines.pca_baseline, ds.train.images, ds.test.images, model.code_dim,
               config.eval.batch_size)
   result = {
       "run": name,
       "epoch": int(run.progress["epoch"]), "step": int(run.state.step),
       "dataset": ds.name, "num_test_images": len(ds.test.images), "image_shape": ds.image_shape,
-      "likelihood": model.likelihood, "latent_dim": config.model.latent_dim,
+      "likelihood": model.likelihood, "latent_dim": model.code_dim,
       "iw_samples": iw_samples, "vae": vae, "pca": pca,
       "kl_per_dim_nats": kl.mean(axis=0).tolist(),
       "posterior_mean_variance": variance.tolist(),

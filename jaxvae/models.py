@@ -215,13 +215,77 @@ class ConvDecoder(nn.Module):
       h = self.activation(dense(w)(h))
     top = self.channels[-1]
     h = self.activation(dense(hs[-1] * ws[-1] * top)(h)).reshape(z.shape[0], hs[-1], ws[-1], top)
-    for i, ch in reversed(list(enumerate(self.channels))):
-      h = nearest_upsample(nearest_upsample(h, hs[i], axis=1), ws[i], axis=2)
-      out = self.out_channels if i == 0 else self.channels[i - 1]
-      h = _layer(nn.Conv, self.dtype, self.kernel_init)(out, (3, 3), padding="SAME")(h)
-      if i > 0:
-        h = self.activation(h)
-    return h
+    return _upsample_convs(h, self.channels, hs, ws, self.out_channels, self.activation,
+                           _layer(nn.Conv, self.dtype, self.kernel_init))
+
+
+def _upsample_convs(h, channels, hs, ws, out_channels, activation, conv):
+  """The conv decoders' way up, inside their compact call: at each level from the top, nearest
+  upsampling to (hs[i], ws[i]) and a 3x3 conv to the channels below (`out_channels` last).
+  f32[B, hs[-1], ws[-1], channels[-1]] -> f32[B, hs[0], ws[0], out_channels]."""
+  for i in reversed(range(len(channels))):
+    h = nearest_upsample(nearest_upsample(h, hs[i], axis=1), ws[i], axis=2)
+    h = conv(out_channels if i == 0 else channels[i - 1], (3, 3), padding="SAME")(h)
+    if i > 0:
+      h = activation(h)
+  return h
+
+
+class ConvGridEncoder(nn.Module):
+  """A code with spatial extent: stride-2 SAME convolutions down to an h x w grid, then two 3x3
+  conv heads of Z = `latent_channels` channels. x f32[B, H, W, C] -> (mean, raw log-scale)
+  f32[B, h * w * Z], the grid flattened in (h, w, Z) order, so the prior N(0, I), the KL and
+  every code-reading tool work on it unchanged."""
+  has_convolutions: ClassVar[bool] = True
+  channels: Sequence[int]
+  image_shape: Sequence[int]
+  latent_channels: int
+  activation: Callable = nn.gelu
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = KERNEL_INITS["lecun_normal"]
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    """(h, w) of the code's grid."""
+    levels = len(self.channels)
+    return (_downsampled_sizes(self.image_shape[0], levels)[-1],
+            _downsampled_sizes(self.image_shape[1], levels)[-1])
+
+  @property
+  def latent_dim(self) -> int:
+    return math.prod(self.grid) * self.latent_channels
+
+  @nn.compact
+  def __call__(self, x):
+    conv = _layer(nn.Conv, self.dtype, self.kernel_init)
+    h = x
+    for ch in self.channels:
+      h = self.activation(conv(ch, (4, 4), strides=(2, 2), padding="SAME")(h))
+    heads = [conv(self.latent_channels, (3, 3), padding="SAME", name=name)(h)
+             for name in ("mean", "log_scale")]
+    return tuple(head.reshape(x.shape[0], -1) for head in heads)
+
+
+class ConvGridDecoder(nn.Module):
+  """The grid code back to an image: z f32[B, h * w * Z] -> its h x w x Z grid -> a 3x3 conv to
+  the top channels, then `ConvDecoder`'s way up. -> f32[B, H, W, out_channels]."""
+  has_convolutions: ClassVar[bool] = True
+  channels: Sequence[int]
+  image_shape: Sequence[int]
+  latent_channels: int
+  out_channels: int = 1
+  activation: Callable = nn.gelu
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = KERNEL_INITS["lecun_normal"]
+
+  @nn.compact
+  def __call__(self, z):
+    conv = _layer(nn.Conv, self.dtype, self.kernel_init)
+    hs = _downsampled_sizes(self.image_shape[0], len(self.channels))
+    ws = _downsampled_sizes(self.image_shape[1], len(self.channels))
+    h = z.reshape(z.shape[0], hs[-1], ws[-1], self.latent_channels)
+    h = self.activation(conv(self.channels[-1], (3, 3), padding="SAME")(h))
+    return _upsample_convs(h, self.channels, hs, ws, self.out_channels, self.activation, conv)
 
 
 # disentanglement_lib's conv_encoder (Locatello et al. 2019), a ConvEncoder: (channels, kernel
@@ -598,6 +662,16 @@ def _conv(model_cfg, image_shape, pixel_mean, out_channels) -> Parts:
   return Parts(ConvEncoder(channels, hidden, model_cfg.latent_dim, act, dtype, kernel_init),
                ConvDecoder(channels, decoder_hidden, tuple(image_shape), out_channels, act,
                            dtype, kernel_init))
+
+
+@register_architecture("conv_grid")
+def _conv_grid(model_cfg, image_shape, pixel_mean, out_channels) -> Parts:
+  del pixel_mean
+  act, dtype, kernel_init = _layers(model_cfg)
+  channels, shape = tuple(model_cfg.conv_channels), tuple(image_shape)
+  z = model_cfg.latent_channels
+  return Parts(ConvGridEncoder(channels, shape, z, act, dtype, kernel_init),
+               ConvGridDecoder(channels, shape, z, out_channels, act, dtype, kernel_init))
 
 
 @register_architecture("locatello")
