@@ -111,7 +111,7 @@ def track_ema(decay: float) -> optax.GradientTransformation:
     if params is None:
       raise ValueError("track_ema needs the parameters: call update(updates, state, params)")
     new = optax.apply_updates(params, updates)
-    count = optax.safe_increment(state.count)
+    count = state.count + 1
     # The running form of the weighted mean above; the first update's weight is exactly 1.
     weight = (1 - d) / (1 - d ** count)
     ema = jax.tree.map(lambda e, p: e + weight.astype(e.dtype) * (p - e), state.params, new)
