@@ -2,6 +2,7 @@
 to read; no speed is asserted here)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -39,6 +40,21 @@ def test_throughput_reports_its_figures():
   assert out["fraction_of_matmul_rate"] == pytest.approx(
       out["achieved_gflop_per_s"] / out["matmul_rate_gflop_per_s"])
   assert out["step_over_floor"] == pytest.approx(out["train_ms_per_step"] / out["floor_ms_per_step"])
+
+
+def test_profile_step_sums_the_gradient_programs_ops_by_kind():
+  out = _json_line("benchmarks/profile_step.py", *SMALL, "--image_shape=8,8,1", "--calls=2",
+                   "--top=8")
+  assert out["step_ms"] > 0 and out["profiled_op_ms"] > 0
+  assert sum(out["by_kind"].values()) == pytest.approx(out["profiled_op_ms"])
+  assert len(out["top"]) == 8
+  times = [ms for _, ms, _, _ in out["top"]]
+  assert times == sorted(times, reverse=True)
+  # Every listed op is an instruction of the compiled program, with its shape; the layers'
+  # products are among them and name the layer they came from.
+  assert all(re.match(r"\(?[a-z]\w*\[", shape) for _, _, shape, _ in out["top"])
+  sources = " ".join(source for *_, source in out["top"])
+  assert "encoder/Dense_0" in sources or "decoder/Dense_" in sources
 
 
 @pytest.mark.slow
