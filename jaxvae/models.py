@@ -154,14 +154,20 @@ class ConvEncoder(nn.Module):
   @nn.compact
   def __call__(self, x):
     dense = _layer(nn.Dense, self.dtype, self.kernel_init)
-    conv = _layer(nn.Conv, self.dtype, self.kernel_init)
-    h = x
-    for ch, k in zip(self.channels, self.kernel_sizes or (4,) * len(self.channels)):
-      h = self.activation(conv(ch, (k, k), strides=(2, 2), padding="SAME")(h))
+    h = _downsample_convs(x, self.channels, self.kernel_sizes, self.activation,
+                          _layer(nn.Conv, self.dtype, self.kernel_init))
     h = h.reshape(h.shape[0], -1)
     for width in self.hidden:
       h = self.activation(dense(width)(h))
     return dense(self.latent_dim, name="mean")(h), dense(self.latent_dim, name="log_scale")(h)
+
+
+def _downsample_convs(h, channels, kernel_sizes, activation, conv):
+  """The conv encoders' way down, inside their compact call: a stride-2 SAME conv (k x k, 4 where
+  `kernel_sizes` is empty) and the activation per entry of `channels`."""
+  for ch, k in zip(channels, kernel_sizes or (4,) * len(channels)):
+    h = activation(conv(ch, (k, k), strides=(2, 2), padding="SAME")(h))
+  return h
 
 
 def nearest_upsample(h: jax.Array, size: int, axis: int) -> jax.Array:
@@ -258,9 +264,7 @@ class ConvGridEncoder(nn.Module):
   @nn.compact
   def __call__(self, x):
     conv = _layer(nn.Conv, self.dtype, self.kernel_init)
-    h = x
-    for ch in self.channels:
-      h = self.activation(conv(ch, (4, 4), strides=(2, 2), padding="SAME")(h))
+    h = _downsample_convs(x, self.channels, (), self.activation, conv)
     heads = [conv(self.latent_channels, (3, 3), padding="SAME", name=name)(h)
              for name in ("mean", "log_scale")]
     return tuple(head.reshape(x.shape[0], -1) for head in heads)
