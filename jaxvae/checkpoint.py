@@ -60,9 +60,12 @@ class _NoSpaceLog(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno < logging.WARNING:
       return True
-    text = record.getMessage()
-    if record.exc_info:
-      text += "\n" + logging.Formatter().formatException(record.exc_info)
+    try:
+      text = record.getMessage()
+      if record.exc_info:
+        text += "\n" + logging.Formatter().formatException(record.exc_info)
+    except Exception:  # a malformed record: logging reports it, a filter must not raise
+      return True
     if not any(s in text for s in _NO_SPACE):
       return True
     self.keep(f"{record.levelname} {record.pathname}:{record.lineno}] {text}\n")
