@@ -173,13 +173,15 @@ def test_train_py_killed_peer_message_names_the_checkpoint_and_the_command(tmp_p
 
 def _start_train_py(workdir, *overrides) -> list[subprocess.Popen]:
   """Both processes of a two-process train.py run, once epoch 1's checkpoint (step 46) is
-  complete."""
+  complete; process 0 leads a process group of its own (its parent and child, as a shell's job
+  would be)."""
   address = f"127.0.0.1:{_free_port()}"
   cmds = [[sys.executable, "train.py", *TINY, "--workdir", str(workdir), *overrides,
            f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
            f"--heartbeat_timeout={HEARTBEAT_S}"] for i in range(2)]
   procs = [subprocess.Popen(cmd, cwd=REPO, env=_env(1), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for cmd in cmds]
+                            stderr=subprocess.PIPE, text=True, process_group=0 if i == 0 else None)
+           for i, cmd in enumerate(cmds)]
   with _reaped(procs, on_error_only=True):
     deadline = time.monotonic() + 240
     while not (workdir / "checkpoints" / "46").exists():
@@ -216,6 +218,21 @@ def test_train_py_killed_coordinator_ends_the_other_with_one_message_and_resumes
     np.testing.assert_array_equal(p, ref)
 
 
+@pytest.mark.slow
+def test_train_py_ctrl_c_to_a_process_group_stops_the_run_with_a_checkpoint(tmp_path):
+  """SIGINT to process 0's group, as a Ctrl-C: its supervising parent and the child both get
+  it, and the parent, which must not die of it (its child would die with it), passes it on.
+  The child takes the two as one request (often they reach its handler as one anyway, its main
+  thread being in XLA; the rest is _StopRequest.REPEAT_S), so both processes stop with a
+  checkpoint, where a second request would end the child at once, unsaved."""
+  workdir = tmp_path / "run"
+  with _reaped(_start_train_py(workdir, "--config.num_epochs=3")) as procs:
+    os.killpg(procs[0].pid, signal.SIGINT)
+    outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [128 + signal.SIGINT] * 2, outs[0][1][-3000:]
+  assert "SIGINT: saved checkpoint" in outs[0][0], outs[0][0][-2000:]
+
+
 @contextlib.contextmanager
 def _small_tmpfs(path, size_kib: int):
   """A tmpfs of `size_kib` KiB at `path` (root only: the test skips without it)."""
@@ -245,6 +262,7 @@ def test_train_py_on_a_full_disk_stops_with_one_line_on_the_terminal(tmp_path):
         "failed (No space left on device; orbax's own reports: " in full.stderr)
     reports = full.stderr.split("orbax's own reports: ")[1].split(")")[0]
     assert "Traceback" in open(reports).read()
+    os.remove(reports)  # in the temporary directory when the full disk refused it
     subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
     (resumed,) = _run_all([cmd], [_env(1)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
