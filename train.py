@@ -7,7 +7,9 @@ Several processes (e.g. one per GPU host) run the same command, each with its ow
 --process_id (or JAX_PROCESS_ID), the same --coordinator_address (process 0's host:port) and
 --num_processes; under SLURM or Open MPI, --distributed reads all three from the cluster. When a
 process stops answering (killed, its host lost), the others end within --heartbeat_timeout
-seconds with one message naming it and exit status 75; rerunning every command resumes.
+seconds with one message naming it and exit status 75; rerunning every command resumes. Each
+process of a multi-process run runs as a child of itself (jaxvae/supervisor.py): losing process
+0, the coordinator, aborts the others natively, and the parent turns that into the same message.
 """
 
 import os
@@ -21,6 +23,7 @@ from ml_collections import config_flags
 
 from jaxvae import parallel
 from jaxvae import restore
+from jaxvae import supervisor
 from jaxvae.train import train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
@@ -54,10 +57,13 @@ def _last_checkpoint(workdir: str) -> str:
   return f"step {max(steps)} in {path}" if steps else f"none yet in {path}"
 
 
-def _lost_peer_message(who: str) -> str:
+def _lost_peer_message(who: str, me: str | None = None) -> str:
+  """The one message of a process whose peer `who` is lost; `me` names this process (by
+  default from JAX, which the supervising parent has not started)."""
   workdir = flags.FLAGS.workdir
+  me = me or f"process {jax.process_index()}"
   return (f"{who} of this multi-process run stopped answering (killed, or its host lost), so "
-          f"process {jax.process_index()} stopped too. The last complete checkpoint is "
+          f"{me} stopped too. The last complete checkpoint is "
           f"{_last_checkpoint(workdir)} (a save cut short is set aside on resume); start every "
           f"process again with its own command to resume, this one's: {_resume_command()}")
 
@@ -75,13 +81,29 @@ def _train(config, workdir: str, overwrite: bool):
   return result
 
 
+def _supervise() -> int:
+  """Runs this process of a multi-process run as a child (jaxvae/supervisor.py), which ends with
+  one message rather than XLA's abort when process 0, the coordinator, is lost."""
+  index = flags.FLAGS.process_id
+  if index is None and os.environ.get(parallel.ENV_PROCESS_ID, "").isdigit():
+    index = int(os.environ[parallel.ENV_PROCESS_ID])
+  me = "this process" if index is None else f"process {index}"
+  name = f"abort.process{index}.log" if index is not None else f"abort.{os.getpid()}.log"
+  return supervisor.supervise(lambda who: _lost_peer_message(who, me),
+                              os.path.join(flags.FLAGS.workdir, name))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go as --config.key=value")
+  settings = (flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+  if supervisor.is_child():
+    supervisor.become_child()
+  elif parallel.requested(*settings, auto_detect=flags.FLAGS.distributed):
+    sys.exit(_supervise())
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  if parallel.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
-                         flags.FLAGS.process_id, auto_detect=flags.FLAGS.distributed,
+  if parallel.initialize(*settings, auto_detect=flags.FLAGS.distributed,
                          heartbeat_timeout_s=flags.FLAGS.heartbeat_timeout):
     if not parallel.is_primary():
       sys.stdout = open(os.devnull, "w")  # process 0 reports for the whole run

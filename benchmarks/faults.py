@@ -16,6 +16,9 @@ too small for their checkpoints, which is then enlarged before the rerun; with
 unreadable after a kill, the rerun without root's file-access override (setpriv), then the
 access restored and the rerun repeated.
 
+With --lost_process, every two-process trial SIGKILLs one process, process 0 (the coordinator)
+and process 1 in turn.
+
 Prints one line per trial and a JSON summary last: trials, kinds of fault, phases hit, resumed
 bitwise, lost and duplicated rows, and how the survivors of a lost peer ended.
 """
@@ -66,14 +69,18 @@ class Fault:
     return f"{signal.Signals(self.signum).name} {who} of {self.processes}"
 
 
-def draw_fault(rng: random.Random, two_process_share: float) -> Fault:
+def draw_fault(rng: random.Random, two_process_share: float, lost_process: int | None = None
+               ) -> Fault:
+  """A random fault; with `lost_process`, a two-process run loses that process (SIGKILL)."""
   processes = 2 if rng.random() < two_process_share else 1
   victims = tuple(range(processes)) if processes == 1 or rng.random() < 1 / 3 else (
       rng.randrange(processes),)
+  signum = rng.choice([signal.SIGKILL, signal.SIGTERM])
+  if processes == 2 and lost_process is not None:
+    victims, signum = (lost_process,), signal.SIGKILL
   # Evaluation and saves are hit at the run's end too.
-  return Fault(processes, rng.choice([signal.SIGKILL, signal.SIGTERM]), victims,
-               rng.choice(["train", "eval", "checkpoint"]), rng.randint(1, EPOCHS),
-               rng.randint(1, STEPS_PER_EPOCH - 30))
+  return Fault(processes, signum, victims, rng.choice(["train", "eval", "checkpoint"]),
+               rng.randint(1, EPOCHS), rng.randint(1, STEPS_PER_EPOCH - 30))
 
 
 def _free_port() -> int:
@@ -226,7 +233,8 @@ def _survivors(fault: Fault, runs: Runs, rcs: list, sent: float | None) -> dict:
   out = {}
   for i in set(range(fault.processes)) - set(fault.victims):
     err = runs.stderr(i)
-    out[i] = {"rc": rcs[i], "seconds": round(runs.ended_at[i] - sent, 1)
+    out[i] = {"lost": fault.victims[0], "rc": rcs[i],
+              "seconds": round(runs.ended_at[i] - sent, 1)
               if runs.ended_at[i] else None,
               "errors": err.count("error: "),
               "clean": rcs[i] == 75 and err.count("error: ") == 1 and not any(
@@ -246,7 +254,8 @@ def trial(n: int, fault: Fault, root: str, reference: dict, cache_dir: str) -> d
   survivors = _survivors(fault, runs, rcs, injected["sent"])
   resumed = Runs(commands, env, root, f"trial{n:03d}.resumed")
   resumed_rcs = resumed.wait(TIMEOUT_S)
-  result = {"trial": n, "kind": fault.kind(), "target": fault.phase, "phase": injected["hit"],
+  result = {"trial": n, "kind": fault.kind(), "processes": fault.processes,
+            "target": fault.phase, "phase": injected["hit"],
             "epoch": fault.epoch,
             "killed_rcs": rcs, "resumed_rcs": resumed_rcs, "survivors": survivors,
             **compare(workdir, reference, injected["rows_before"])}
@@ -368,6 +377,9 @@ def summarize(results: list[dict]) -> dict:
       "lost_peer_survivors": len(survivors),
       "lost_peer_one_message_exit_75": sum(s["clean"] for s in survivors),
       "lost_peer_max_seconds": max((s["seconds"] or 0 for s in survivors), default=None),
+      "lost_coordinator_survivors": sum(s["lost"] == 0 for s in survivors),
+      "lost_coordinator_one_message_exit_75": sum(s["clean"] and s["lost"] == 0
+                                                  for s in survivors),
       "disk_full_or_unreadable_trials": sum("clean_message" in r for r in results),
       "disk_full_or_unreadable_one_message": sum(r.get("clean_message", False) for r in results),
   }
@@ -385,6 +397,9 @@ def main():
                       help="share of trials in a full tmpfs (needs root; 0 otherwise)")
   parser.add_argument("--unreadable_share", type=float, default=0.1,
                       help="share of trials with an unreadable checkpoint (needs root)")
+  parser.add_argument("--lost_process", action="store_true",
+                      help="every two-process trial SIGKILLs one process: 0 (the coordinator) "
+                           "and 1 in turn")
   args = parser.parse_args()
   rng = random.Random(args.seed)
   os.makedirs(args.workdir, exist_ok=True)
@@ -409,7 +424,8 @@ def main():
       elif draw < sum(root_only):
         result = unreadable_trial(n, rng, args.workdir, references[1], cache_dir)
       else:
-        fault = draw_fault(rng, args.two_process_share)
+        lost = sum(r.get("processes") == 2 for r in results) % 2 if args.lost_process else None
+        fault = draw_fault(rng, args.two_process_share, lost)
         result = trial(n, fault, args.workdir, references[fault.processes], cache_dir)
     except Exception as e:  # the harness's own failure: counted, and the next trial goes on
       result = {"trial": n, "harness_error": f"{type(e).__name__}: {e}"}

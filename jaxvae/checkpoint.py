@@ -11,8 +11,16 @@ current config before any is read. A step directory that cannot be read (a trunc
 save cut short) is moved to WORKDIR/bad_checkpoints/ and reported, never deleted or reused.
 """
 
+import atexit
+import contextlib
+import errno
+import logging
 import os
+import sys
+import tempfile
+import threading
 import time
+import traceback
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -28,6 +36,111 @@ _UNFINISHED = ".orbax-checkpoint-tmp"  # orbax writes here first and renames whe
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used; the message says which and what to do."""
+
+
+# What a full disk (or a full quota) says, in an OSError or in TensorStore's RESOURCE_EXHAUSTED.
+_NO_SPACE = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+
+
+class _NoSpaceLog(logging.Filter):
+  """Keeps a full disk's reports off the terminal: orbax's writer threads log each failure
+  with its traceback (a few hundred lines for one save), asyncio one of their futures that
+  nobody read, and TensorStore's late callbacks find their event loop closed, while the run
+  stops with one message (`_save_failed`). They are held until that message names a file for
+  them (`write_to`), and appended to it after; any still held at exit, never named, go to
+  stderr after all."""
+
+  def __init__(self):
+    super().__init__()
+    self.held: list[str] = []
+    self.path = None
+    self.reported = False
+    self.previous_unraisablehook = sys.unraisablehook
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.WARNING:
+      return True
+    try:
+      text = record.getMessage()
+      if record.exc_info:
+        text += "\n" + logging.Formatter().formatException(record.exc_info)
+    except Exception:  # a malformed record: logging reports it, a filter must not raise
+      return True
+    if not any(s in text for s in _NO_SPACE):
+      return True
+    self.keep(f"{record.levelname} {record.pathname}:{record.lineno}] {text}\n")
+    return False
+
+  def unraisablehook(self, unraisable) -> None:
+    """sys.unraisablehook, which TensorStore's threads report through: once a save has failed,
+    orbax has closed its event loop and their late callbacks into it fail too. Held like the
+    records (so printed at exit if no failed save claims them); anything else goes through."""
+    value = unraisable.exc_value
+    if (threading.current_thread() is not threading.main_thread()
+        and isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      self.keep("".join(traceback.format_exception(unraisable.exc_type, value,
+                                                   unraisable.exc_traceback)))
+    else:
+      self.previous_unraisablehook(unraisable)
+
+  def keep(self, entry: str) -> None:
+    if self.path is None or not _append(self.path, [entry]):
+      self.held.append(entry)
+
+  def write_to(self, workdir: str) -> str | None:
+    """Writes the held reports to WORKDIR/checkpoint_errors.log, or to the temporary directory
+    if the full disk refuses them too; returns the file, or None with nothing held (or no room
+    anywhere: then they are dropped, the message having said what they say)."""
+    self.reported = True
+    if not self.held:
+      return self.path
+    name = ("checkpoint_errors.log" if jax.process_count() == 1
+            else f"checkpoint_errors.process{jax.process_index()}.log")
+    for path in (os.path.join(workdir, name),
+                 os.path.join(tempfile.gettempdir(), f"jaxvae.{os.getpid()}.{name}")):
+      if _append(path, self.held):
+        self.path, self.held = path, []
+        return path
+    return None
+
+  def flush_unreported(self) -> None:
+    if not self.reported:
+      sys.stderr.writelines(self.held)
+    self.held = []
+
+  def start(self) -> None:
+    """A new manager, a new run: earlier reports are done with."""
+    self.flush_unreported()
+    self.path, self.reported = None, False
+
+
+def _append(path: str, entries: list[str]) -> bool:
+  """Appends to `path`; False (leaving no empty file) if the disk refuses."""
+  try:
+    with open(path, "a") as f:
+      f.writelines(entries)
+    return True
+  except OSError:
+    with contextlib.suppress(OSError):
+      if os.path.getsize(path) == 0:
+        os.remove(path)
+    return False
+
+
+_no_space_log = _NoSpaceLog()
+
+
+def _hold_no_space_reports() -> None:
+  """Installs `_no_space_log` (once) on the loggers of orbax (absl's) and asyncio, and as
+  sys.unraisablehook."""
+  _no_space_log.start()
+  if _no_space_log in logging.getLogger("absl").filters:
+    return
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).addFilter(_no_space_log)
+  _no_space_log.previous_unraisablehook = sys.unraisablehook
+  sys.unraisablehook = _no_space_log.unraisablehook
+  atexit.register(_no_space_log.flush_unreported)
 
 
 def make_manager(workdir: str, keep: int, config_json: dict | None = None) -> ocp.CheckpointManager:
@@ -47,6 +160,7 @@ def make_manager(workdir: str, keep: int, config_json: dict | None = None) -> oc
   registry = ocp.handlers.create_default_handler_registry(
       arrays=ocp.StandardCheckpointHandler(), progress=ocp.JsonCheckpointHandler())
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  _hold_no_space_reports()
   try:
     return ocp.CheckpointManager(directory, options=options, metadata=config_json,
                                  handler_registry=registry)
@@ -93,17 +207,23 @@ def _root_cause(e: BaseException) -> str:
   while seen is not None:
     if isinstance(seen, OSError) and seen.strerror:
       return f"{seen.strerror}: {seen.filename}" if seen.filename else seen.strerror
+    no_space = [s for s in _NO_SPACE if s in str(seen)]  # TensorStore's error, not an OSError
+    if no_space:
+      return no_space[0]
     seen = seen.__cause__ or seen.__context__
   return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 def _save_failed(manager: ocp.CheckpointManager, e: BaseException) -> CheckpointError:
-  good = [s for s in manager.all_steps(read=True)]
+  manager.reload()  # the steps on disk, the failed one not among them
+  good = manager.all_steps()
   last = f"step {max(good)}" if good else "none yet"
+  details = _no_space_log.write_to(os.path.dirname(str(manager.directory)))
+  details = f"; orbax's own reports: {details}" if details else ""
   return CheckpointError(
-      f"saving a checkpoint in {manager.directory} failed ({_root_cause(e)}); the run stopped. "
-      f"The last good checkpoint is {last}: free space (or fix the cause above) and rerun the "
-      "same command to resume from it")
+      f"saving a checkpoint in {manager.directory} failed ({_root_cause(e)}{details}); the run "
+      f"stopped. The last good checkpoint is {last}: free space (or fix the cause above) and "
+      "rerun the same command to resume from it")
 
 
 def check_saves(manager: ocp.CheckpointManager) -> None:

@@ -8,7 +8,9 @@ per step. Each process gathers only the batch rows its own devices hold (`gather
 Several processes (one per GPU host, or per GPU) join with `initialize` before any other JAX
 call; every process then runs the same program on its share of each batch. A process that
 stops answering (killed, its host lost) ends the others with one message and EXIT_PEER_LOST
-(`watch_peers`, `peer_failure`, `exit_peer_lost`) rather than XLA's abort.
+(`watch_peers`, `peer_failure`, `exit_peer_lost`) rather than XLA's abort. Losing process 0,
+whose coordination service the others need, aborts them natively before Python hears of it:
+train.py's parent process (jaxvae/supervisor.py) turns that into the same message.
 """
 
 import atexit
@@ -42,6 +44,23 @@ def _env_int(name: str) -> int | None:
     raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
 
 
+def _settings(coordinator_address: str | None, num_processes: int | None,
+              process_id: int | None) -> dict:
+  """The three settings of a multi-process run, each from its argument or else its variable."""
+  return {"coordinator_address": coordinator_address or os.environ.get(ENV_COORDINATOR) or None,
+          "num_processes": num_processes if num_processes is not None
+          else _env_int(ENV_NUM_PROCESSES),
+          "process_id": process_id if process_id is not None else _env_int(ENV_PROCESS_ID)}
+
+
+def requested(coordinator_address: str | None = None, num_processes: int | None = None,
+              process_id: int | None = None, auto_detect: bool = False) -> bool:
+  """Whether `initialize` with these arguments joins a multi-process run (or, with only some of
+  the settings given, refuses); needs no JAX call."""
+  return auto_detect or any(
+      v is not None for v in _settings(coordinator_address, num_processes, process_id).values())
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, auto_detect: bool = False,
                heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> bool:
@@ -53,13 +72,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   A process that sends no heartbeat for `heartbeat_timeout_s` seconds counts as lost (see
   `watch_peers`). Returns whether the process joined a distributed run.
   """
-  coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
-  num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
-  process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
-  given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
-           "process_id": process_id}
+  given = _settings(coordinator_address, num_processes, process_id)
+  coordinator_address, num_processes, process_id = given.values()
   if not auto_detect:
-    if all(v is None for v in given.values()):
+    if not requested(**given):
       return False
     missing = [k for k, v in given.items() if v is None]
     if missing:

@@ -173,11 +173,16 @@ def epoch_batches(shuffle_key: jax.Array, epoch: int, num_examples: int, batch_s
 
 class _StopRequest:
   """Turns SIGINT/SIGTERM into `signum`, which the training loop checks between chunks; a
-  second signal acts at once (the previous handler). Handlers can only be set in the main
-  thread; elsewhere this does nothing."""
+  second signal acts at once (the previous handler), but the same signal again within
+  REPEAT_S is the same request delivered twice (to a process group, and passed on by the
+  parent of a multi-process run's process, jaxvae/supervisor.py). Handlers can only be set in
+  the main thread; elsewhere this does nothing."""
+
+  REPEAT_S = 1.0
 
   def __init__(self):
     self.signum = None
+    self._at = 0.0
     self._previous = {}
 
   def __enter__(self):
@@ -193,10 +198,12 @@ class _StopRequest:
 
   def _handle(self, signum, frame):
     # No printing here: the handler may interrupt a write to the same stream.
+    if signum == self.signum and time.monotonic() - self._at < self.REPEAT_S:
+      return
     if self.signum is not None:
       self.__exit__()
       signal.raise_signal(signum)
-    self.signum = signum
+    self.signum, self._at = signum, time.monotonic()
 
 
 def _add_chunk(sums: dict, chunk_sums) -> dict:

@@ -419,6 +419,10 @@ def test_first_signal_asks_to_stop_and_a_second_acts_at_once():
         # on another thread and reach the Python handler only after the block is left.
         signal.raise_signal(signal.SIGTERM)  # runs the Python handler before returning
         assert stop.signum == signal.SIGTERM  # still alive, asked to stop
+        # The same signal again at once: one request delivered twice (to a process group and
+        # passed on by a multi-process run's supervising parent), not a second one.
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
         signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
@@ -470,9 +474,11 @@ def test_unchecked_nan_gradients_stop_the_run_before_any_checkpoint_holds_them(
 
 
 def test_a_failed_background_save_stops_the_run_at_once_with_one_clear_error(tmp_path,
-                                                                               monkeypatch):
+                                                                               monkeypatch, capfd,
+                                                                               caplog):
   """A full disk, simulated: every save after the first (step 46) fails in orbax's writer
-  thread, as it writes the JSON items (progress and metrics)."""
+  thread, as it writes the JSON items (progress and metrics). Orbax's own reports of it (each
+  with a traceback) go to a file the message names, not to the terminal."""
   original = ocp.handlers.JsonCheckpointHandler._save_fn
 
   async def full_disk(self, item, directory):
@@ -488,6 +494,12 @@ def test_a_failed_background_save_stops_the_run_at_once_with_one_clear_error(tmp
   message = str(e.value)
   assert "No space left on device" in message and "The last good checkpoint is step 46" in message
   assert "free space" in message and "rerun the same command" in message
+  reports = tmp_path / "checkpoint_errors.log"
+  assert f"orbax's own reports: {reports}" in message
+  assert "Traceback" in reports.read_text() and "No space left on device" in reports.read_text()
+  terminal = capfd.readouterr()
+  assert "Traceback" not in terminal.err + terminal.out, terminal.err[-3000:]
+  assert not [r for r in caplog.records if r.exc_info or "No space" in r.getMessage()]
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert len(rows) < 4  # it stopped in the epoch after the failed save, not at the end
   monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", original)

@@ -15,10 +15,12 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 
 from conftest import REPO
-from test_parallel import TINY, _env, _free_port, _run_all
+from test_parallel import (TINY, _assert_same_metrics, _env, _final_params, _free_port, _rows,
+                           _run_all, _train, _train_two_processes)
 
 HEARTBEAT_S = 5
 
@@ -80,11 +82,11 @@ def _reap(procs):
     p.communicate()
 
 
-def _kill_peer(procs) -> str:
-  """SIGKILLs process 1 and waits for process 0; returns its stderr. The deadline is for a
-  hang only (the run's own bound is the heartbeat timeout)."""
-  procs[1].send_signal(signal.SIGKILL)
-  return procs[0].communicate(timeout=HEARTBEAT_S + 120)[1]
+def _kill_peer(procs, victim: int = 1) -> str:
+  """SIGKILLs process `victim` and waits for the other; returns its stderr. The deadline is
+  for a hang only (the run's own bound is the heartbeat timeout)."""
+  procs[victim].send_signal(signal.SIGKILL)
+  return procs[1 - victim].communicate(timeout=HEARTBEAT_S + 120)[1]
 
 
 @pytest.mark.parametrize("mode", ["collective", "waiting"])
@@ -167,6 +169,104 @@ def test_train_py_killed_peer_message_names_the_checkpoint_and_the_command(tmp_p
   assert f"{workdir}/checkpoints" in errors[0] and "--process_id=0" in errors[0]
   # Running both commands again resumes from that checkpoint: the same two-process resume as
   # test_parallel's SIGTERM test, which checks it bit for bit.
+
+
+def _start_train_py(workdir, *overrides) -> list[subprocess.Popen]:
+  """Both processes of a two-process train.py run, once epoch 1's checkpoint (step 46) is
+  complete; process 0 leads a process group of its own (its parent and child, as a shell's job
+  would be)."""
+  address = f"127.0.0.1:{_free_port()}"
+  cmds = [[sys.executable, "train.py", *TINY, "--workdir", str(workdir), *overrides,
+           f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
+           f"--heartbeat_timeout={HEARTBEAT_S}"] for i in range(2)]
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, process_group=0 if i == 0 else None)
+           for i, cmd in enumerate(cmds)]
+  with _reaped(procs, on_error_only=True):
+    deadline = time.monotonic() + 240
+    while not (workdir / "checkpoints" / "46").exists():
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+      time.sleep(0.05)
+  return procs
+
+
+@pytest.mark.slow
+def test_train_py_killed_coordinator_ends_the_other_with_one_message_and_resumes_bitwise(
+    tmp_path):
+  """kill -9 of process 0, whose coordination service process 1 depends on: jaxlib aborts
+  process 1 natively (a FATAL line, a stack trace, SIGABRT), and its supervising parent
+  (jaxvae/supervisor.py) turns that into one message naming process 0, the checkpoint and the
+  command, exit 75, the abort text in the workdir. The rerun resumes bitwise."""
+  reference, workdir = tmp_path / "two_devices", tmp_path / "run"
+  _train(reference, 2, "--config.num_epochs=2")
+  with _reaped(_start_train_py(workdir, "--config.num_epochs=2")) as procs:
+    err = _kill_peer(procs, victim=0)
+  assert procs[1].returncode == 75, err[-3000:]
+  lines = [line for line in err.splitlines() if line.strip() and "Gloo" not in line]
+  assert len(lines) == 1 and lines[0].startswith(
+      "error: process 0 (the coordinator) of this multi-process run stopped answering"), err
+  assert "process 1 stopped too" in lines[0] and "--process_id=1" in lines[0]
+  assert "The last complete checkpoint is step " in lines[0] and f"{workdir}/checkpoints" in lines[0]
+  abort_log = workdir / "abort.process1.log"
+  assert f"XLA's abort text is in {abort_log}" in lines[0]
+  assert "detected fatal errors" in abort_log.read_text()
+
+  resumed = _train_two_processes(workdir, "--config.num_epochs=2")
+  assert "resumed from step " in resumed[0].stdout
+  _assert_same_metrics(_rows(workdir), _rows(reference), rel=0)  # each epoch written once
+  for p, ref in zip(_final_params(workdir), _final_params(reference)):
+    np.testing.assert_array_equal(p, ref)
+
+
+@pytest.mark.slow
+def test_train_py_ctrl_c_to_a_process_group_stops_the_run_with_a_checkpoint(tmp_path):
+  """SIGINT to process 0's group, as a Ctrl-C: its supervising parent and the child both get
+  it, and the parent, which must not die of it (its child would die with it), passes it on.
+  The child takes the two as one request (often they reach its handler as one anyway, its main
+  thread being in XLA; the rest is _StopRequest.REPEAT_S), so both processes stop with a
+  checkpoint, where a second request would end the child at once, unsaved."""
+  workdir = tmp_path / "run"
+  with _reaped(_start_train_py(workdir, "--config.num_epochs=3")) as procs:
+    os.killpg(procs[0].pid, signal.SIGINT)
+    outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [128 + signal.SIGINT] * 2, outs[0][1][-3000:]
+  assert "SIGINT: saved checkpoint" in outs[0][0], outs[0][0][-2000:]
+
+
+@contextlib.contextmanager
+def _small_tmpfs(path, size_kib: int):
+  """A tmpfs of `size_kib` KiB at `path` (root only: the test skips without it)."""
+  path.mkdir()
+  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)],
+                         capture_output=True, text=True)
+  if mount.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()[:200]}")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=False)
+
+
+@pytest.mark.slow
+def test_train_py_on_a_full_disk_stops_with_one_line_on_the_terminal(tmp_path):
+  """A real full disk (a 200 KiB tmpfs): orbax's writer threads, asyncio and TensorStore's late
+  callbacks report it with a few hundred lines of tracebacks; the terminal shows one `error:`
+  line, which names the file that keeps them. With room, the same command resumes."""
+  with _small_tmpfs(tmp_path / "disk", 200) as disk:
+    cmd = [sys.executable, "train.py", *TINY, "--workdir", str(disk / "run"),
+           "--config.num_epochs=3"]
+    (full,) = _run_all([cmd], [_env(1)])
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert full.stderr.splitlines() == [full.stderr.strip()], full.stderr[-3000:]
+    assert full.stderr.startswith("error: saving a checkpoint in ") and (
+        "failed (No space left on device; orbax's own reports: " in full.stderr)
+    reports = full.stderr.split("orbax's own reports: ")[1].split(")")[0]
+    assert "Traceback" in open(reports).read()
+    os.remove(reports)  # in the temporary directory when the full disk refused it
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+    (resumed,) = _run_all([cmd], [_env(1)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["epoch"] for r in _rows(disk / "run")] == [1, 2, 3]
 
 
 @pytest.mark.slow
