@@ -20,6 +20,10 @@ grid (`configs/cifar10_conv.py:grid`): the code is the last conv's 8x8 grid inst
 tried: channels (64, 128) with 16 grid channels 6.06 bits/dim against the vector model's 6.62
 (which needed 30 epochs to reach 6.03), and 32 grid channels beat 16 at channels (32, 64).
 
+grid_mixture: grid with PixelCNN++'s mixture of 10 discretized logistics per pixel (channels
+coupled within a pixel) instead of the factorized logistic: at step 400 of the trial setting
+(channels (64, 128), 16 grid channels) 5.40 bits/dim against 6.39, at about 8x the time per step.
+
 Offline, point at the JPEG copy instead of TFDS:
   --config.data.source=folder --config.data.path=/path/to/cifar10-jpeg.tar.gz
 """
@@ -28,8 +32,9 @@ from jaxvae.config import base_config
 
 
 def get_config(variant: str = "vector"):
-  if variant not in ("vector", "grid"):
-    raise ValueError(f"configs/cifar10_conv.py:{variant}: choose 'vector' or 'grid'")
+  if variant not in ("vector", "grid", "grid_mixture"):
+    raise ValueError(f"configs/cifar10_conv.py:{variant}: choose 'vector', 'grid' or "
+                     "'grid_mixture'")
   config = base_config()
   config.data.source = "tfds"
   config.data.name = "cifar10"
@@ -44,9 +49,11 @@ def get_config(variant: str = "vector"):
   config.num_epochs = 30             # the hour of docs/cifar10_conv.md's run (then 120 s an epoch)
   config.eval.iw_samples = 100       # each IWAE draw decodes every test image once
   config.eval.batch_size = 100       # on the 2-core CPU 1.5x faster than batches of 1000
-  if variant == "grid":
+  if variant.startswith("grid"):
     config.model.arch = "conv_grid"
     config.model.conv_channels = (64, 128)
     config.model.latent_channels = 32
     config.num_epochs = 100
+  if variant == "grid_mixture":
+    config.model.likelihood = "mixture_logistic"
   return config
