@@ -73,8 +73,9 @@ def _model_config() -> ml_collections.ConfigDict:
   k = ml_collections.ConfigDict()
   k.arch = "mlp"                   # mlp | conv | conv_grid (conv's networks with the code a
                                    # grid at the last conv: latent_channels channels; hidden,
-                                   # latent_dim unused) | locatello (disentanglement_lib's conv_encoder and
-                                   # deconv_decoder, fixed: hidden, conv_channels unused) |
+                                   # latent_dim unused) | locatello (disentanglement_lib's
+                                   # conv_encoder and deconv_decoder, fixed: hidden,
+                                   # conv_channels unused) |
                                    # larsen (Larsen et al. 2016, batch norm: objective vae_gan)
   k.hidden = (512,)                # dense widths; the decoder mirrors them
   k.decoder_hidden = ()            # the decoder's dense widths from z outward; (): mirror hidden
@@ -233,8 +234,6 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
   if m.arch in ("conv", "conv_grid", "larsen") and not m.conv_channels:
     raise ConfigError(f"config.model.conv_channels=() gives the {m.arch} arch no layer; give e.g. "
                       "(32, 64)")
-
-
   if m.arch == "conv_grid":
     check_positive(m.latent_channels, "model.latent_channels")
 
