@@ -4,7 +4,8 @@
       --variants "optimizer.skip_nonfinite=grads; optimizer.skip_nonfinite=off; model.compute_dtype=bfloat16"
 
 Each variant is the config plus its own `key=value` overrides (spaces between keys, `;`
-between variants; an empty variant is the config itself). Each variant's train chunk is
+between variants; an empty variant is the config itself; the item `xla=default` compiles the
+variant with XLA's default options instead of jaxvae's, see jaxvae/loops.py). Each variant's train chunk is
 compiled first, in its own loop mode (`loop_mode`, see jaxvae/loops.py), and the compile time
 reported. Every round times one train chunk of --steps steps of each variant in turn (a fresh
 state each, random images on device), then measures the matmul rate at the step's own shapes
@@ -39,13 +40,16 @@ flags.DEFINE_integer("rounds", 5, "Rounds of timing every variant once.")
 flags.mark_flags_as_required(["config"])
 
 
-def parse_variants(text: str, base) -> list[tuple[str, object]]:
-  """'a.b=1 c=(1,2); d=x' -> [(label, config)], each a copy of `base` with its overrides."""
+def parse_variants(text: str, base) -> list[tuple[str, object, bool]]:
+  """'a.b=1 c=(1,2); d=x xla=default' -> [(label, config, with XLA's default options)], each
+  config a copy of `base` with its overrides."""
   out = []
   for part in text.split(";"):
     config = base.copy_and_resolve_references()
     pairs = part.split()
     for pair in pairs:
+      if pair == "xla=default":
+        continue
       key, sep, value = pair.partition("=")
       *path, node = key.strip().split(".")
       parent = config
@@ -61,25 +65,27 @@ def parse_variants(text: str, base) -> list[tuple[str, object]]:
       else:
         parent[node] = type(old)(value)
     config_lib.validate(config)
-    out.append((" ".join(pairs) or "(config)", config))
+    out.append((" ".join(pairs) or "(config)", config, "xla=default" in pairs))
   return out
 
 
-def _compiled_variant(label, config, shape, images, batches, valid, no_signal, mesh,
+def _compiled_variant(label, config, xla_default, shape, images, batches, valid, no_signal, mesh,
                       dataset_size: int) -> dict:
   """One variant's compiled chunk, fresh-state maker, products and compile time."""
+  options = {} if xla_default else train.compiler_options(mesh)
   exp = experiment.build(config, shape, dataset_size, data.pixel_mean(images, config.data.binarize))
   keys = state_lib.Keys.from_seed(config.seed)
   fresh = functools.partial(exp.init_state, keys.init)
   loop = loops.resolve(config, mesh, exp.model)
-  chunk = train.make_train_chunk(exp.train_step(), mesh, loop)
+  chunk = train.make_train_chunk(exp.train_step(), mesh, loop, options)
   products = step_matmuls(exp.objective.gradients, fresh().params, keys.train,
                           jnp.zeros((config.batch_size,) + shape, jnp.float32),
                           jnp.zeros((), jnp.int32))
   t0 = time.perf_counter()
   chunk = chunk.lower(fresh(), batches, valid, keys.train, no_signal).compile()
   return {"label": label, "chunk": chunk, "fresh": fresh, "key": keys.train,
-          "products": products, "seconds": [], "rates": [], "loop": loop,
+          "products": products, "seconds": [], "rates": [], "loop": loop, "options": options,
+          "xla_default": xla_default,
           "compile_s": time.perf_counter() - t0}
 
 
@@ -89,7 +95,7 @@ def main(argv):
   shape = tuple(int(s) for s in flags.FLAGS.image_shape)
   variants = parse_variants(flags.FLAGS.variants, flags.FLAGS.config)
   batch = variants[0][1].batch_size
-  if any(c.batch_size != batch for _, c in variants):
+  if any(c.batch_size != batch for _, c, _ in variants):
     raise ValueError("variants must share batch_size (it sets the images each chunk takes)")
   parallel.check_batch_divides(batch, mesh)
   steps = flags.FLAGS.steps
@@ -99,21 +105,22 @@ def main(argv):
   valid, no_signal = np.ones(steps, bool), parallel.signal_array(0, mesh)
 
   # steps_per_epoch * batch training images: the epoch of the s/50k column (and beta_tcvae's N)
-  runs = [_compiled_variant(label, config, shape, images, batches, valid, no_signal, mesh,
-                            steps_per_epoch * batch) for label, config in variants]
+  runs = [_compiled_variant(label, config, xla_default, shape, images, batches, valid, no_signal,
+                            mesh, steps_per_epoch * batch)
+          for label, config, xla_default in variants]
 
-  options = train.compiler_options(mesh)
   for _ in range(flags.FLAGS.rounds):
     for run in runs:
       state = jax.block_until_ready(run["fresh"]())
       t0 = time.perf_counter()
       jax.block_until_ready(run["chunk"](state, batches, valid, run["key"], no_signal))
       run["seconds"].append((time.perf_counter() - t0) / steps)
-    rates = {}  # variants with the same products share one measurement per round
+    rates = {}  # variants with the same products and options share one measurement per round
     for run in runs:
-      shapes = tuple((f, str(p), str(lhs), str(rhs)) for f, (_, p, lhs, rhs) in run["products"])
+      shapes = (tuple((f, str(p), str(lhs), str(rhs)) for f, (_, p, lhs, rhs) in run["products"]),
+                str(sorted(run["options"].items())))
       if shapes not in rates:
-        rates[shapes] = matmul_rate(run["products"], options, TIMING_S.value)
+        rates[shapes] = matmul_rate(run["products"], run["options"], TIMING_S.value)
       run["rates"].append(rates[shapes])
 
   first = float(np.median(runs[0]["seconds"]))
@@ -122,6 +129,7 @@ def main(argv):
     step_s, rate = float(np.median(run["seconds"])), float(np.median(run["rates"]))
     flops = sum(f for f, _ in run["products"])
     rows.append({"variant": run["label"], "loop_mode": run["loop"], "compile_s": run["compile_s"],
+                 "xla_options": "default" if run["xla_default"] else "jaxvae",
                  "batch_size": batch, "ms_per_step": step_s * 1e3,
                  "min_ms_per_step": min(run["seconds"]) * 1e3,
                  "s_per_50k_images": step_s * steps_per_epoch, "speedup": first / step_s,

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import scipy.linalg
 
-from jaxvae import metrics
+from jaxvae import loops, metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,7 @@ def fit_pca(rows: np.ndarray, k: int, scale: float = 1.0, chunk: int = 4096) -> 
              variance[order].astype(np.float32), float(np.trace(cov)))
 
 
-_recon_metrics = jax.jit(metrics.recon_metrics, static_argnames=("prefix", "with_ssim", "paper_window"))
+_recon_metrics = loops.jit(metrics.recon_metrics, static_argnames=("prefix", "with_ssim", "paper_window"))
 
 
 # Enough rows to estimate a covariance of 4,096 pixels (64x64) closely; all of CIFAR-10's and

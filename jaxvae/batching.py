@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvae import data, parallel
+from jaxvae import data, loops, parallel
 
 
 class Streams(NamedTuple):
@@ -107,10 +107,10 @@ def batch_map(fn, loop: str, sharding):
     return fn(x, idx, i, *args)
 
   if loop == "per_step":
-    return BatchLoop(jax.jit(lambda images, index, i, *args: one(i, images[i], index[i], *args)))
+    return BatchLoop(loops.jit(lambda images, index, i, *args: one(i, images[i], index[i], *args)))
 
   def run(images, index, *args):
     return jax.lax.map(lambda inputs: one(*inputs, *args),
                        (jnp.arange(images.shape[0]), images, index))
 
-  return jax.jit(run)
+  return loops.jit(run)

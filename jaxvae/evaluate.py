@@ -108,14 +108,14 @@ class Evaluator:
       real = mask.reshape(mask.shape + (1,) * (v.ndim - 2))
       return jnp.sum(jnp.where(real, v, 0.0), axis=(0, 1)) / mask.sum()
 
-    means = jax.jit(lambda per_example, mask: {k: mean(v, mask) for k, v in per_example.items()})
+    means = loops.jit(lambda per_example, mask: {k: mean(v, mask) for k, v in per_example.items()})
 
     def run(images, index, mask, params, key):
       streams = stream_keys(key)
       return means(fn(images, index, params, streams.binarize, streams.elbo), mask)
 
     # A Python loop over batches cannot be traced into one program; then only its parts compile.
-    self._run = run if self.split.loop == "per_step" else jax.jit(run)
+    self._run = run if self.split.loop == "per_step" else loops.jit(run)
     self._programs = (fn, means) if self.split.loop == "per_step" else (self._run,)
 
   def __call__(self, params, key: jax.Array) -> dict[str, float | list[float]]:

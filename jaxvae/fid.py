@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from jaxvae import data, inception, sample
+from jaxvae import data, inception, loops, sample
 from jaxvae.rundir import RunError
 
 KID_SUBSETS = 100       # torch-fidelity's and clean-fid's defaults
@@ -48,7 +48,7 @@ class FeatureNet:
   @functools.cached_property
   def apply(self):
     """The compiled forward: uint8 or [0, 1] float images [B, H, W, C] -> f32[B, D]."""
-    return jax.jit(lambda p, x: self.module.apply(p, inception.preprocess(x, self.size)))
+    return loops.jit(lambda p, x: self.module.apply(p, inception.preprocess(x, self.size)))
 
 
 def standard_net(dtype=jnp.float32, cache: Path | None = None) -> FeatureNet:

@@ -18,11 +18,11 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from jaxvae import distributions, models
+from jaxvae import distributions, loops, models
 from jaxvae import restore
 
 
-@functools.partial(jax.jit, static_argnames="model")
+@functools.partial(loops.jit, static_argnames="model")
 def decode_mean(model: models.VAE, params, z: jax.Array) -> jax.Array:
   """z f32[..., K] -> the mean of p(x|z), f32[..., H, W, C] in [0, 1]."""
   flat = z.reshape(-1, z.shape[-1])
@@ -31,7 +31,7 @@ def decode_mean(model: models.VAE, params, z: jax.Array) -> jax.Array:
   return images.reshape(z.shape[:-1] + images.shape[1:])
 
 
-@functools.partial(jax.jit, static_argnames="model")
+@functools.partial(loops.jit, static_argnames="model")
 def reconstruct_mean(model: models.VAE, params, x: jax.Array) -> jax.Array:
   """x f32[B, H, W, C] -> the mean of p(x|z) at z = the posterior mean, f32[B, H, W, C] (a
   top-down model: along every group's posterior mean in turn)."""
@@ -54,7 +54,7 @@ def prior_samples(model: models.VAE, params, key: jax.Array, num: int,
   return decode_mean(model, params, temperature * jax.random.normal(key, shape))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num"))
+@functools.partial(loops.jit, static_argnames=("model", "num"))
 def _top_down_samples(model: models.VAE, params, key: jax.Array, num: int,
                       temperature: float) -> jax.Array:
   obs = model.apply(params, key, num, temperature, method="sample")

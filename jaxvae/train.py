@@ -34,8 +34,9 @@ CHUNK_COUNTS = ("steps", "skipped_steps", "nonfinite_loss_steps", "max_skips", "
 STEP_FLAGS = ("skipped", "skips")
 
 
-def make_train_chunk(train_step, mesh, loop: str):
-  """Up to S steps as one call, in `loop` mode ("scan" or "per_step", see `jaxvae.loops`).
+def make_train_chunk(train_step, mesh, loop: str, options: dict | None = None):
+  """Up to S steps as one call, in `loop` mode ("scan" or "per_step", see `jaxvae.loops`),
+  compiled with XLA `options` (default: `compiler_options(mesh)`).
 
   chunk(state, batches uint8[S, B, H, W, C] (batch axis sharded, see `parallel.gather_batches`),
         valid bool[S], train_key, stop int32[D] (see `parallel.signal_array`))
@@ -77,7 +78,7 @@ def make_train_chunk(train_step, mesh, loop: str):
         [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(state.params)]))
     return sums
 
-  options = compiler_options(mesh)
+  options = compiler_options(mesh) if options is None else options
   if loop == "per_step":
     # Placed as the step places its metrics, so the step sees one input type: one compilation.
     return StepwiseChunk(jax.jit(blank_metrics, out_shardings=parallel.replicated(mesh)),
@@ -141,13 +142,8 @@ class _LoweredChunk:
 
 
 def compiler_options(mesh) -> dict:
-  """XLA options for the train chunk on this mesh's platform."""
-  # XLA:CPU's default copy insertion copies the loop-carried parameters that the optimizer
-  # updates in place (about 8 MB per step for the paper's model); region analysis proves the
-  # copies unneeded: 11.6 -> 8.3 ms per step at batch 32 on 2 cores, bitwise the same result.
-  if mesh.devices.flat[0].platform == "cpu":
-    return {"xla_cpu_copy_insertion_use_region_analysis": True}
-  return {}
+  """XLA options for the train chunk on this mesh's platform (`jaxvae.loops`)."""
+  return loops.compiler_options(mesh.devices.flat[0].platform)
 
 
 def epoch_batches(shuffle_key: jax.Array, epoch: int, num_examples: int, batch_size: int,

@@ -63,8 +63,11 @@ def test_compare_times_each_variant_with_its_own_config():
                    "--timing_s=0.01",
                    "--steps=3", "--variants=; model.hidden=(64,) model.compute_dtype=bfloat16 "
                    "objective.kind=beta_tcvae objective.beta=1; "
-                   "model.arch=conv model.conv_channels=(4,8)")
-  base, other, conv = out["variants"]
+                   "model.arch=conv model.conv_channels=(4,8); "
+                   "model.arch=conv model.conv_channels=(4,8) xla=default")
+  base, other, conv, conv_default = out["variants"]
+  assert [r["xla_options"] for r in out["variants"]] == ["jaxvae"] * 3 + ["default"]
+  assert conv_default["variant"] == "model.arch=conv model.conv_channels=(4,8) xla=default"
   assert base["variant"] == "(config)" and base["speedup"] == 1.0
   assert other["variant"] == ("model.hidden=(64,) model.compute_dtype=bfloat16 "
                               "objective.kind=beta_tcvae objective.beta=1")
