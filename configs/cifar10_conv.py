@@ -22,7 +22,9 @@ tried: channels (64, 128) with 16 grid channels 6.06 bits/dim against the vector
 
 grid_mixture: grid with PixelCNN++'s mixture of 10 discretized logistics per pixel (channels
 coupled within a pixel) instead of the factorized logistic: at step 400 of the trial setting
-(channels (64, 128), 16 grid channels) 5.40 bits/dim against 6.39, at about 8x the time per step.
+(channels (64, 128), 16 grid channels) 5.40 bits/dim against 6.39. Its step took 8x grid's with
+XLA's default convolutions, 3.1x since they run on Eigen (873 against 284 ms on the idle CPU,
+docs/speed.md#convolutions-on-xlacpu).
 
 Offline, point at the JPEG copy instead of TFDS:
   --config.data.source=folder --config.data.path=/path/to/cifar10-jpeg.tar.gz
