@@ -3,6 +3,7 @@ stabilizers it trains with (`optimizer.skip_grad_norm`, `optimizer.ema_decay`): 
 its per-group KL against Monte Carlo, its initialization, a whole run through training,
 evaluation, figures and the evaluate command."""
 
+import functools
 import json
 import os
 
@@ -38,9 +39,10 @@ def tiny_topdown_config(num_steps: int = 24):
   return config
 
 
-def _model(config=None):
-  config = config or tiny_topdown_config()
-  model = models.make_model(config.model, SHAPE)
+@functools.cache
+def _model():
+  """The tiny config's model and its initial parameters (built once: its compile is slow)."""
+  model = models.make_model(tiny_topdown_config().model, SHAPE)
   return model, models.init_params(model, jax.random.key(0), SHAPE)
 
 
@@ -99,8 +101,8 @@ def test_each_groups_analytic_kl_is_the_mean_of_its_log_ratio():
   equal the mean of log q(z_l|x, z_<l) - log p(z_l|z_<l) at the draws (the IWAE's weights)."""
   model, params = _model()
   # Perturb the zero-initialized priors so that p differs from N(0, I) in every group.
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(7), p.shape),
-                        params)
+  params = jax.jit(lambda ps: jax.tree.map(
+      lambda p: p + 0.05 * jax.random.normal(jax.random.key(7), p.shape), ps))(params)
   x = _digits(2)
   draws = 600
   x_rep = jnp.broadcast_to(x, (draws,) + x.shape).reshape((-1,) + SHAPE)
@@ -110,7 +112,8 @@ def test_each_groups_analytic_kl_is_the_mean_of_its_log_ratio():
   assert np.all(np.abs(kl.mean(axis=0) - ratio.mean(axis=0)) < 4 * stderr + 1e-3)
   assert t["kl_groups"].shape == (2 * draws, model.num_groups)
   np.testing.assert_allclose(t["kl_groups"].sum(axis=-1), t["kl"], rtol=1e-5)
-  log_w = model.apply(params, x_rep[:2], jax.random.key(3), method="log_weight")
+  log_w = jax.jit(lambda p, k: model.apply(p, x_rep[:2], k, method="log_weight"))(
+      params, jax.random.key(3))
   np.testing.assert_allclose(log_w, t["log_lik"][:2] - t["log_ratio"][:2], rtol=1e-5)
 
 
