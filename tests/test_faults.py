@@ -23,6 +23,8 @@ from test_parallel import (TINY, _assert_same_metrics, _env, _final_params, _fre
                            _run_all, _train, _train_two_processes)
 
 HEARTBEAT_S = 5
+# The bare peers below are idle between barriers (no compiling), so a shorter one is safe there.
+PEER_HEARTBEAT_S = 2
 
 # Two processes in a loop of barriers (collectives), or process 0 waiting outside any collective
 # (as in a checkpoint barrier), each watching its peer as train.py does.
@@ -45,7 +47,7 @@ PEER_SCRIPT = textwrap.dedent("""
     if parallel.peer_failure(e):
       parallel.exit_peer_lost(parallel.lost_peer(e))
     raise
-""" % HEARTBEAT_S)
+""" % PEER_HEARTBEAT_S)
 
 
 def _start_peers(mode: str) -> list[subprocess.Popen]:

@@ -207,8 +207,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_they_resume(tmp_
   with one checkpoint, where before the other one hung in its next collective. Resumed, the
   two processes finish bitwise the run of one process on two devices (the same program, the
   gradient sum over gloo instead of in process), and only process 0 reports and writes."""
-  # One step per chunk (93 in an epoch), so the stop lands mid-epoch 2.
-  small = ["--config.batch_size=16", "--config.log.chunks_per_epoch=1000", "--config.num_epochs=2"]
+  # One step per chunk (46 in an epoch), so the stop lands mid-epoch 2.
+  small = ["--config.log.chunks_per_epoch=1000", "--config.num_epochs=2"]
   reference, multi = tmp_path / "two_devices", tmp_path / "two_processes"
   _train(reference, 2, *small)
   address = f"127.0.0.1:{_free_port()}"
