@@ -72,10 +72,15 @@ def supervise(describe_loss, abort_log: str) -> int:
     signal.signal(signum, lambda signum, frame: child.poll() is None and child.send_signal(signum))
   held = _copy_native_stderr(child.stderr.fileno(), sys.stderr.buffer)
   status = child.wait()
+  text = b"".join(held)
+  if status == EXIT_PEER_LOST and _SERVICE_FATAL in text:
+    # The child reported the loss itself, and the client's abort raced its exit: the message
+    # is out already, so the abort text goes to the log only.
+    _keep(text, abort_log)
+    return status
   if status >= 0:
     _show(held)
     return status
-  text = b"".join(held)
   if status == -signal.SIGABRT and _SERVICE_FATAL in text:
     who = ("process 0 (the coordinator)" if any(s in text for s in _COORDINATOR_GONE)
            else "another process")

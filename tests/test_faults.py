@@ -9,18 +9,18 @@ tests/test_parallel.py), with a short heartbeat so that a lost peer is noticed i
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
 
 from conftest import REPO
-from test_parallel import (TINY, _assert_same_metrics, _env, _final_params, _free_port, _rows,
-                           _run_all, _train, _train_two_processes)
+from jaxvae import restore
+from test_parallel import TINY, _env, _free_port, _rows, _run_all
 
 HEARTBEAT_S = 5
 # The bare peers below are idle between barriers (no compiling), so a shorter one is safe there.
@@ -193,14 +193,16 @@ def _start_train_py(workdir, *overrides) -> list[subprocess.Popen]:
 
 
 @pytest.mark.slow
-def test_train_py_killed_coordinator_ends_the_other_with_one_message_and_resumes_bitwise(
+def test_train_py_killed_coordinator_ends_the_other_with_one_message_naming_its_checkpoint(
     tmp_path):
   """kill -9 of process 0, whose coordination service process 1 depends on: jaxlib aborts
   process 1 natively (a FATAL line, a stack trace, SIGABRT), and its supervising parent
   (jaxvae/supervisor.py) turns that into one message naming process 0, the checkpoint and the
-  command, exit 75, the abort text in the workdir. The rerun resumes bitwise."""
-  reference, workdir = tmp_path / "two_devices", tmp_path / "run"
-  _train(reference, 2, "--config.num_epochs=2")
+  command, exit 75, the abort text in the workdir. Process 1 may see the loss in Python first
+  and say so itself; then the abort text, if it comes before the exit, goes to the log too.
+  The checkpoint it names restores; test_parallel's SIGTERM test resumes such a two-process
+  run bit for bit."""
+  workdir = tmp_path / "run"
   with _reaped(_start_train_py(workdir, "--config.num_epochs=2")) as procs:
     err = _kill_peer(procs, victim=0)
   assert procs[1].returncode == 75, err[-3000:]
@@ -208,16 +210,13 @@ def test_train_py_killed_coordinator_ends_the_other_with_one_message_and_resumes
   assert len(lines) == 1 and lines[0].startswith(
       "error: process 0 (the coordinator) of this multi-process run stopped answering"), err
   assert "process 1 stopped too" in lines[0] and "--process_id=1" in lines[0]
-  assert "The last complete checkpoint is step " in lines[0] and f"{workdir}/checkpoints" in lines[0]
+  step = int(re.search(r"The last complete checkpoint is step (\d+) in (\S+) ", lines[0])[1])
+  assert f"{workdir}/checkpoints" in lines[0]
   abort_log = workdir / "abort.process1.log"
-  assert f"XLA's abort text is in {abort_log}" in lines[0]
-  assert "detected fatal errors" in abort_log.read_text()
-
-  resumed = _train_two_processes(workdir, "--config.num_epochs=2")
-  assert "resumed from step " in resumed[0].stdout
-  _assert_same_metrics(_rows(workdir), _rows(reference), rel=0)  # each epoch written once
-  for p, ref in zip(_final_params(workdir), _final_params(reference)):
-    np.testing.assert_array_equal(p, ref)
+  if "XLA's abort text" in lines[0]:
+    assert f"XLA's abort text is in {abort_log}" in lines[0]
+    assert "detected fatal errors" in abort_log.read_text()
+  assert int(restore.restore_run(str(workdir)).state.step) == step
 
 
 @pytest.mark.slow
@@ -233,6 +232,32 @@ def test_train_py_ctrl_c_to_a_process_group_stops_the_run_with_a_checkpoint(tmp_
     outs = [p.communicate(timeout=120) for p in procs]
   assert [p.returncode for p in procs] == [128 + signal.SIGINT] * 2, outs[0][1][-3000:]
   assert "SIGINT: saved checkpoint" in outs[0][0], outs[0][0][-2000:]
+
+
+RACING_CHILD = textwrap.dedent("""
+    import os, sys
+    from jaxvae import supervisor
+    if not supervisor.is_child():
+      sys.exit(supervisor.supervise(lambda who: f"{who} was lost", sys.argv[1]))
+    supervisor.become_child()
+    print("error: the child's own message", file=sys.stderr)
+    os.write(2, b"E1208 00:00:00.000000 1 coordination_service_agent.cc:289] Polled an error\\n"
+                b"F1208 00:00:00.000001 1 client.h:80] Terminating process because the JAX "
+                b"distributed service detected fatal errors. Failed to send RPC\\n")
+    sys.exit(75)
+""")
+
+
+def test_an_abort_text_racing_the_childs_own_loss_message_stays_off_the_terminal(tmp_path):
+  """Process 1 can see process 0's loss in Python first (its own one-line message, exit 75)
+  while jaxlib's client thread writes its abort text before the exit: that text goes to the
+  abort log, not after the message (seen once in the killed-coordinator test)."""
+  log = tmp_path / "abort.process1.log"
+  p = subprocess.run([sys.executable, "-c", RACING_CHILD, str(log)], cwd=REPO, text=True,
+                     capture_output=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert p.returncode == 75
+  assert p.stderr.splitlines() == ["error: the child's own message"], p.stderr
+  assert "detected fatal errors" in log.read_text()
 
 
 @contextlib.contextmanager
