@@ -190,7 +190,7 @@ def test_a_conv_dae_serves_an_mlp_vae(tmp_path):
   assert "Conv_0" in darla.encoder_layers(exp.objective.dae.model, (64, 64, 1))
   state = exp.init_state(state_lib.Keys.from_seed(0).init)
   x = jnp.zeros((2, 64, 64, 1), jnp.float32)
-  features = exp.objective.dae.features(state.params["dae"], x)
+  features = jax.jit(exp.objective.dae.features)(state.params["dae"], x)
   assert features.shape == (2, 32 * 32 * 4)  # stride 2, 4 channels: overcomplete for 4,096 pixels
   # Compiled: op by op, every convolution of both networks would compile on its own.
   _, metrics = jax.jit(exp.train_step())(state, np.zeros((2, 64, 64, 1), np.uint8),
