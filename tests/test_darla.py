@@ -184,12 +184,15 @@ def test_a_conv_dae_serves_an_mlp_vae(tmp_path):
   config.objective.kind, config.model.arch = "dae", "conv"
   config.model.conv_channels, config.model.hidden = (4, 8), (16,)
   config.eval.every_steps, config.log.figures = 2, False
+  config.data.sprites_subsample = 200  # the DAE need only exist: a fifth of the evaluation
   train_lib.train_and_evaluate(config, str(tmp_path))
   exp = experiment.build(_dae_config(str(tmp_path), "Conv_0"), (64, 64, 1), 1000)
   assert "Conv_0" in darla.encoder_layers(exp.objective.dae.model, (64, 64, 1))
   state = exp.init_state(state_lib.Keys.from_seed(0).init)
   x = jnp.zeros((2, 64, 64, 1), jnp.float32)
-  features = exp.objective.dae.features(state.params["dae"], x)
+  features = jax.jit(exp.objective.dae.features)(state.params["dae"], x)
   assert features.shape == (2, 32 * 32 * 4)  # stride 2, 4 channels: overcomplete for 4,096 pixels
-  _, metrics = exp.train_step()(state, np.zeros((2, 64, 64, 1), np.uint8), jax.random.key(0))
+  # Compiled: op by op, every convolution of both networks would compile on its own.
+  _, metrics = jax.jit(exp.train_step())(state, np.zeros((2, 64, 64, 1), np.uint8),
+                                         jax.random.key(0))
   assert np.isfinite(float(metrics["dae_feature_sqerr"]))
