@@ -24,8 +24,8 @@ grid_mixture: grid with PixelCNN++'s mixture of 10 discretized logistics per pix
 coupled within a pixel) instead of the factorized logistic: at step 400 of the trial setting
 (channels (64, 128), 16 grid channels) 5.40 bits/dim against 6.39. Its step took 8x grid's with
 XLA's default convolutions, 3.1x since they run on Eigen (873 against 284 ms on the idle CPU,
-docs/speed.md#convolutions-on-xlacpu). On the JPEG q75 copy it reached 4.531 bits/dim (ELBO,
-all test images) after 2 epochs; the paper's 4.54 is on the original images (docs/cifar10_conv.md).
+docs/speed.md#convolutions-on-xlacpu). On the JPEG q75 copy it reached 4.362 bits/dim (ELBO,
+all test images) after 4 epochs; the paper's 4.54 is on the original images (docs/cifar10_conv.md).
 
 Offline, point at the JPEG copy instead of TFDS:
   --config.data.source=folder --config.data.path=/path/to/cifar10-jpeg.tar.gz
